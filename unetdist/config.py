@@ -1,0 +1,256 @@
+"""Typed configuration: YAML file -> dataclasses, with dotted `section.key=value` overrides.
+
+Every knob a run depends on lives here so that the resolved config saved in the run folder
+is enough to reproduce the run. Unknown keys and wrong types are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value a user must fix; the message says which and how."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    resume: str = "auto"  # auto | never | path to a checkpoint file
+    stop_at: int = 0  # checkpoint and exit once this global step is reached (0: run to train.steps)
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    num_classes: int = 2
+    base_width: int = 64
+    depth: int = 4
+    bilinear: bool = False
+    norm: Literal["batch", "group", "instance"] = "batch"
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic fluorescence images made when `data.root` holds no dataset yet."""
+
+    images: int = 16
+    height: int = 256
+    width: int = 256
+    seed: int = 0
+    boundary: bool = False
+
+
+@dataclass
+class ShardConfig:
+    tile: int = 128
+    overlap: int = 0
+    shard_bytes: int = 256 * 1024 * 1024
+    val_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth-default"  # folder holding manifest.json and the shards
+    train_urls: str = ""  # optional WebDataset URL(s) overriding the manifest's train shards
+    val_urls: str = ""
+    batch_size: int = 8  # per device
+    workers: int = 2
+    shuffle_buffer: int = 256
+    augment: bool = True
+    generate: bool = False  # make the synthetic dataset in `root` when it is missing
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.99  # SGD only; the U-Net paper's value
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # 0 disables
+    dice_weight: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    activation_checkpointing: Literal["none", "all", "highres"] = "none"
+    val_every: int = 200
+    ckpt_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    image_grid: int = 4  # samples in the TensorBoard picture at each validation
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["ddp"] = "ddp"
+    sync_batchnorm: bool = True  # GPU only: gloo has no SyncBatchNorm
+    bucket_mb: int = 25
+    static_graph: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (or start from defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (give a YAML file, e.g. configs/default.yaml)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, where=str(path) if path else "config")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by `to_dict` (e.g. inside a checkpoint)."""
+    cfg = _build(Config, raw, where="saved config")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks = [
+        (cfg.model.in_channels >= 1, "model.in_channels must be >= 1"),
+        (cfg.model.num_classes >= 2, "model.num_classes must be >= 2 (background + at least one class)"),
+        (cfg.model.base_width >= 1, "model.base_width must be >= 1"),
+        (cfg.model.depth >= 1, "model.depth must be >= 1"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
+        (cfg.data.shard.tile >= 8, "data.shard.tile must be >= 8"),
+        (0 <= cfg.data.shard.overlap < cfg.data.shard.tile, "data.shard.overlap must be in [0, tile)"),
+        (0.0 < cfg.data.shard.val_fraction < 1.0, "data.shard.val_fraction must be in (0, 1)"),
+        (cfg.run.stop_at >= 0, "run.stop_at must be >= 0 (0: run to train.steps)"),
+        (cfg.train.steps >= 1, "train.steps must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.train.val_every >= 0, "train.val_every must be >= 0 (0: only at the end)"),
+        (cfg.train.ckpt_every >= 0, "train.ckpt_every must be >= 0 (0: only at the end)"),
+        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.parallel.bucket_mb >= 1, "parallel.bucket_mb must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping for section {cls.__name__}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {where_key(where, near[0])!r}?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {where_key(where, key)!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, where_key(where, key))
+    return cls(**kwargs)
+
+
+def where_key(where: str, key: str) -> str:
+    prefix = "" if where in ("config", "saved config") or where.endswith((".yaml", ".yml")) else where + "."
+    return f"{prefix}{key}"
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key {key!r} has the wrong type: {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})"
+    )

@@ -1,0 +1,97 @@
+"""Tile-grid arithmetic shared by shard writing and sliding-window inference.
+
+Kept pure (numpy in, numpy out, no I/O) so the grid rule lives in one place: tiles of
+`tile` pixels start every `tile - overlap` pixels from the top-left corner; when the last
+tile would run past the image, the image is reflect-padded at the bottom/right so that every
+tile is full-sized. Tile coordinates are therefore always in original image pixels, and the
+part of a tile that lies inside the original image is `valid_h x valid_w` from its top-left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of an image: its top-left corner, the part inside the image, and the pixels."""
+
+    y: int
+    x: int
+    valid_h: int
+    valid_w: int
+    image: np.ndarray  # C x tile x tile
+    label: np.ndarray | None  # tile x tile, or None when tiling an image alone
+
+
+def _check(tile: int, overlap: int) -> None:
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the tiles along one axis of `length` pixels.
+
+    The first tile starts at 0, the next ones every `tile - overlap` pixels, and there are just
+    enough of them that the last one reaches the end of the axis (possibly into the padding).
+    """
+    _check(tile, overlap)
+    if length < 1:
+        raise ValueError(f"cannot tile an axis of length {length}")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((length - tile) / stride) + 1
+    return [i * stride for i in range(count)]
+
+
+def padded_length(length: int, tile: int, overlap: int) -> int:
+    """Length of the axis after padding so that the last tile fits entirely."""
+    return tile_starts(length, tile, overlap)[-1] + tile
+
+
+def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """All (y, x) top-left corners, row by row."""
+    return [(y, x) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
+
+
+def pad_to_grid(array: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """Reflect-pad the last two axes at their end so that the tile grid fits.
+
+    Reflection (not zeros) keeps padded pixels statistically like real ones, so neither the
+    network nor the intensity statistics learn an artificial black border. numpy repeats the
+    reflection when the pad is longer than the axis, and copies a 1-pixel axis.
+    """
+    height, width = array.shape[-2:]
+    pad_h = padded_length(height, tile, overlap) - height
+    pad_w = padded_length(width, tile, overlap) - width
+    if pad_h == 0 and pad_w == 0:
+        return array
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    return np.pad(array, widths, mode="reflect")
+
+
+def iter_tiles(image: np.ndarray, label: np.ndarray | None, tile: int, overlap: int) -> Iterator[Tile]:
+    """Cut a C x H x W image (and its H x W label) into full-sized tiles, row by row."""
+    if image.ndim != 3:
+        raise ValueError(f"iter_tiles expects a C x H x W image, got shape {image.shape}")
+    height, width = image.shape[-2:]
+    if label is not None and label.shape != (height, width):
+        raise ValueError(f"label shape {label.shape} does not match image H x W {(height, width)}")
+    padded = pad_to_grid(image, tile, overlap)
+    padded_label = None if label is None else pad_to_grid(label, tile, overlap)
+    for y, x in tile_grid(height, width, tile, overlap):
+        yield Tile(
+            y=y,
+            x=x,
+            valid_h=min(tile, height - y),
+            valid_w=min(tile, width - x),
+            image=np.ascontiguousarray(padded[:, y : y + tile, x : x + tile]),
+            label=None if padded_label is None else np.ascontiguousarray(padded_label[y : y + tile, x : x + tile]),
+        )

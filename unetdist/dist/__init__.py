@@ -1,0 +1,1 @@
+"""Distribution concerns applied from outside the model: environment, checkpointing, parallel wrappers."""

@@ -1,0 +1,110 @@
+"""The only module that reads the launcher's environment (torchrun, SLURM) and owns the process group.
+
+Everything else receives a `DistEnv` and never looks at os.environ, so model, data and
+training code run the same on 1 process or 1,000.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job and which device it drives."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def init_distributed(timeout_s: int = 1800) -> DistEnv:
+    """Join the process group described by torchrun's variables, or run alone without them.
+
+    The backend follows the device: NCCL when this process has a GPU, gloo otherwise. The local
+    rank (not the global rank) picks the GPU, which is what makes multi-node launches correct.
+    """
+    rank = _int_env("RANK", 0)
+    world_size = _int_env("WORLD_SIZE", 1)
+    local_rank = _int_env("LOCAL_RANK", 0)
+    local_world_size = _int_env("LOCAL_WORLD_SIZE", 1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size > 1 and not dist.is_initialized():
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise RuntimeError(
+                    f"WORLD_SIZE={world_size} but {key} is not set: start multi-process runs with torchrun "
+                    "(e.g. torchrun --nproc_per_node=2 -m unetdist.train --config ...)"
+                )
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    env = DistEnv(rank, world_size, local_rank, local_world_size, device)
+    if env.is_main:
+        log.info("process group: world_size=%d backend=%s device=%s", world_size, backend, device)
+    return env
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+
+def broadcast_object(env: DistEnv, obj: object) -> object:
+    """Rank 0's `obj` on every rank, so decisions made from the file system agree everywhere."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a copy; the input is left as it was)."""
+    out = value.detach().clone()
+    if env.distributed:
+        dist.all_reduce(out)
+        out /= env.world_size
+    return out

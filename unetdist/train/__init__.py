@@ -1,0 +1,1 @@
+"""Training: `python -m unetdist.train --config FILE [key=value ...]` is what torchrun starts."""

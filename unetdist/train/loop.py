@@ -1,0 +1,152 @@
+"""The run: data, trainer, resume, the step loop, validation, checkpoints, logs and final metrics.
+
+Steps, not epochs, are the unit of progress: the data position of any step is
+(epoch, batch) = divmod(step, batches_per_epoch), so a resumed run continues the exact stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from unetdist.config import Config, ConfigError, to_dict
+from unetdist.data.default import ensure_dataset
+from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
+from unetdist.dist.env import DistEnv, all_reduce_mean, barrier, broadcast_object
+from unetdist.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from unetdist.train.logging import RunLogger, Throughput, prediction_grid, save_png
+from unetdist.train.trainer import Trainer, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, env: DistEnv) -> dict[str, float]:
+    """Train to `train.steps`, resuming where a previous run of the same folder stopped."""
+    run_dir = Path(cfg.run.dir)
+    manifest = _open_data(cfg)
+    trainer = build_trainer(cfg, env)
+    _resume(cfg, env, trainer, run_dir / "checkpoints")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = RunLogger(run_dir / "tb" if env.is_main else None, cfg.train.steps, trainer.step)
+    logger.hparams(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        metrics = _train(cfg, env, trainer, manifest, logger, run_dir)
+    finally:
+        logger.close()
+    barrier(env)
+    return metrics
+
+
+def _open_data(cfg: Config) -> Manifest:
+    root = ensure_dataset(cfg.data, cfg.model.num_classes)
+    manifest = open_manifest(root, cfg.data)
+    if manifest.channels != cfg.model.in_channels:
+        raise ConfigError(
+            f"data in {root} has {manifest.channels} channel(s) but model.in_channels={cfg.model.in_channels}; "
+            f"set model.in_channels={manifest.channels}"
+        )
+    if manifest.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"data in {root} has {manifest.num_classes} classes but model.num_classes={cfg.model.num_classes}; "
+            f"set model.num_classes={manifest.num_classes}"
+        )
+    return manifest
+
+
+def _resume(cfg: Config, env: DistEnv, trainer: Trainer, ckpt_dir: Path) -> None:
+    path = resolve_resume(cfg.run.resume, ckpt_dir) if env.is_main else None
+    path = broadcast_object(env, path)
+    if path is None:
+        return
+    state = load_checkpoint(Path(path))
+    trainer.load_state_dict(state)
+    if env.is_main:
+        log.info("resumed from %s at step %d", path, trainer.step)
+        if state.get("world_size") != env.world_size:
+            log.warning(
+                "checkpoint was written by %s ranks, this run has %d: the data stream position is recomputed",
+                state.get("world_size"), env.world_size,
+            )
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logger: RunLogger, run_dir: Path) -> dict[str, float]:
+    total, per_epoch = cfg.train.steps, batches_per_epoch(cfg.data, manifest, env.world_size)
+    stop = min(total, cfg.run.stop_at) if cfg.run.stop_at > 0 else total
+    throughput = Throughput(env.world_size)
+    loss_sum, loss_count = torch.zeros((), device=env.device), 0
+    metrics: dict[str, float] = {}
+    while trainer.step < stop:
+        epoch, start = divmod(trainer.step, per_epoch)
+        batches = iter(train_loader(cfg.data, manifest, rank=env.rank, world_size=env.world_size,
+                                    seed=cfg.run.seed, epoch=epoch, start_batch=start,
+                                    pin_memory=env.device.type == "cuda"))
+        while trainer.step < stop:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            wait = time.perf_counter() - t0
+            out = trainer.train_step(batch)
+            image = batch["image"]
+            throughput.add(image.shape[0], image.shape[0] * image.shape[-2] * image.shape[-1], wait)
+            loss_sum += out["loss"].float()
+            loss_count += 1
+            step = trainer.step
+            if _due(step, cfg.train.log_every, total):
+                values = {"loss": float(all_reduce_mean(env, loss_sum)) / loss_count,
+                          "lr": float(out["lr"]), "grad_norm": float(out["grad_norm"])}
+                if "loss_scale" in out:
+                    values["loss_scale"] = float(out["loss_scale"])
+                values["epoch"] = float(epoch)
+                values.update(throughput.report(env.device))
+                logger.scalars(step, values, "train")
+                logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
+                loss_sum.zero_()
+                loss_count = 0
+            if _due(step, cfg.train.val_every, total):
+                metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
+                throughput.reset()
+            if _due(step, cfg.train.ckpt_every, total) or step == stop:
+                _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
+    if trainer.step == total and not metrics:  # resumed a finished run: report it again
+        metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
+    if env.is_main and trainer.step == total:
+        (run_dir / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
+    return metrics
+
+
+def _validate(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logger: RunLogger, run_dir: Path) -> dict[str, float]:
+    batches = val_loader(cfg.data, manifest, rank=env.rank, world_size=env.world_size,
+                         pin_memory=env.device.type == "cuda")
+    metrics, samples = trainer.evaluate(batches, keep=cfg.train.image_grid if env.is_main else 0)
+    logger.scalars(trainer.step, metrics, "val")
+    logger.message(
+        f"validation at step {trainer.step}: dice/foreground={metrics['dice/foreground']:.4f} "
+        f"iou/foreground={metrics['iou/foreground']:.4f} loss={metrics['loss']:.4f}"
+    )
+    if env.is_main and samples:
+        grid = prediction_grid(samples, cfg.model.num_classes)
+        logger.image_grid(trainer.step, grid)
+        save_png(grid, run_dir / "predictions.png")
+    return metrics
+
+
+def _save(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, ckpt_dir: Path) -> None:
+    state: dict[str, Any] = trainer.state_dict()  # collective: every rank takes part
+    state["data"] = manifest.checkpoint_info()
+    if env.is_main:
+        path = save_checkpoint(ckpt_dir, trainer.step, state, cfg.train.keep_last)
+        log.debug("saved %s (%d kept)", path, len(list_checkpoints(ckpt_dir)))
+    barrier(env)
