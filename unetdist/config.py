@@ -84,6 +84,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0  # 0 disables
     dice_weight: float = 1.0
+    weight_map: bool = False  # weight cross-entropy by the shards' per-pixel U-Net weight maps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     activation_checkpointing: Literal["none", "all", "highres"] = "none"

@@ -22,6 +22,7 @@ def train_main(args: argparse.Namespace) -> int:
         print(f"unetdist train: {exc}", file=sys.stderr)
         return 2
     from unetdist.train.loop import run  # after the config check, so config errors come back fast
+    from unetdist.train.preemption import EXIT_RESUMABLE, Preempted
     env = init_distributed()
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
@@ -32,6 +33,9 @@ def train_main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         logging.getLogger("unetdist").error("%s", exc)
         return 2
+    except Preempted as exc:
+        logging.getLogger("unetdist").warning("%s (exit code %d)", exc, EXIT_RESUMABLE)
+        return EXIT_RESUMABLE
     finally:
         destroy_distributed()
     return 0

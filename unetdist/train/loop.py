@@ -20,6 +20,7 @@ from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.dist.env import DistEnv, all_reduce_mean, barrier, broadcast_object
 from unetdist.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from unetdist.train.preemption import Preempted, StopSignal
 from unetdist.train.logging import RunLogger, Throughput, prediction_grid, save_png
 from unetdist.train.trainer import Trainer, build_trainer
 
@@ -37,9 +38,11 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = RunLogger(run_dir / "tb" if env.is_main else None, cfg.train.steps, trainer.step)
     logger.hparams(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    stop_signal = StopSignal()
     try:
-        metrics = _train(cfg, env, trainer, manifest, logger, run_dir)
+        metrics = _train(cfg, env, trainer, manifest, logger, run_dir, stop_signal)
     finally:
+        stop_signal.restore()
         logger.close()
     barrier(env)
     return metrics
@@ -81,7 +84,8 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logger: RunLogger, run_dir: Path) -> dict[str, float]:
+def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logger: RunLogger, run_dir: Path,
+           stop_signal: StopSignal) -> dict[str, float]:
     total, per_epoch = cfg.train.steps, batches_per_epoch(cfg.data, manifest, env.world_size)
     stop = min(total, cfg.run.stop_at) if cfg.run.stop_at > 0 else total
     throughput = Throughput(env.world_size)
@@ -118,8 +122,14 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             if _due(step, cfg.train.val_every, total):
                 metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
                 throughput.reset()
-            if _due(step, cfg.train.ckpt_every, total) or step == stop:
+            saved = _due(step, cfg.train.ckpt_every, total) or step == stop
+            if saved:
                 _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
+            if step < total and stop_signal.agreed(env):
+                if not saved:
+                    _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
+                logger.message(f"stop signal: checkpoint at step {step} written; resume with run.resume=auto")
+                raise Preempted(step)
     if trainer.step == total and not metrics:  # resumed a finished run: report it again
         metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
     if env.is_main and trainer.step == total:

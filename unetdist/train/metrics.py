@@ -28,8 +28,18 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return 1.0 - dice[:, 1:].mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float) -> torch.Tensor:
-    ce = F.cross_entropy(logits.float(), target)
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, dice_weight: float, pixel_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy (optionally weighted per pixel, the U-Net paper's w(x)) + `dice_weight` x soft Dice.
+
+    The weighted cross-entropy is the mean of w(x) * CE(x) over all pixels, so equal-sized per-rank
+    batches average to the global-batch loss exactly as the unweighted one does.
+    """
+    if pixel_weight is None:
+        ce = F.cross_entropy(logits.float(), target)
+    else:
+        ce = (F.cross_entropy(logits.float(), target, reduction="none") * pixel_weight.float()).mean()
     if dice_weight == 0:
         return ce
     return ce + dice_weight * soft_dice_loss(logits, target)

@@ -78,13 +78,21 @@ class Trainer:
             image = image.contiguous(memory_format=torch.channels_last)
         return image, batch["label"].to(self.env.device, non_blocking=True)
 
+    def _pixel_weight(self, batch: Batch) -> torch.Tensor | None:
+        if not self.cfg.train.weight_map:
+            return None
+        if "weight" not in batch:
+            raise ValueError("train.weight_map=true but the data has no weight maps; shard with weight maps "
+                             "or set train.weight_map=false")
+        return batch["weight"].to(self.env.device, non_blocking=True)
+
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Forward, backward, clip, step. Returns device tensors so the caller decides when to sync."""
         self.model.train()
         image, label = self._to_device(batch)
         with self._autocast():
             logits = self.model(image)
-        loss = segmentation_loss(logits, label, self.cfg.train.dice_weight)
+        loss = segmentation_loss(logits, label, self.cfg.train.dice_weight, self._pixel_weight(batch))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -117,7 +125,8 @@ class Trainer:
             image, label = self._to_device(batch)
             with self._autocast():
                 logits = self.module(image)  # no DDP forward: ranks may see different batch counts
-            per_sample = segmentation_loss(logits, label, self.cfg.train.dice_weight) * label.shape[0]
+            per_sample = segmentation_loss(logits, label, self.cfg.train.dice_weight, self._pixel_weight(batch))
+            per_sample = per_sample * label.shape[0]
             counter.update(logits.float(), label, per_sample)
             if len(kept) < keep:
                 n = keep - len(kept)
