@@ -83,6 +83,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1  # micro-steps per optimizer step; data.batch_size is split into this many micro-batches
     dice_weight: float = 1.0
     weight_map: bool = False  # weight cross-entropy by the shards' per-pixel U-Net weight maps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
@@ -96,11 +97,25 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Our keys for the DeepSpeed backend; the DeepSpeed JSON config is generated from them."""
+
+    zero_stage: int = 0
+    reduce_bucket_size: int = 50_000_000  # elements
+    allgather_bucket_size: int = 50_000_000  # elements
+    overlap_comm: bool = False
+    optimizer: Literal["torch", "deepspeed"] = "torch"  # ours passed in, or DeepSpeed's (JIT-built fused kernels)
+    scheduler: Literal["torch", "deepspeed"] = "torch"  # ours (warmup + cosine) or DeepSpeed's WarmupCosineLR
+    extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys merged in; conflicts are errors
+
+
+@dataclass
 class ParallelConfig:
-    backend: Literal["ddp"] = "ddp"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
     sync_batchnorm: bool = True  # GPU only: gloo has no SyncBatchNorm
     bucket_mb: int = 25
     static_graph: bool = False
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -174,6 +189,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.parallel.bucket_mb >= 1, "parallel.bucket_mb must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.data.batch_size % cfg.train.grad_accum == 0,
+         f"data.batch_size={cfg.data.batch_size} (per device per optimizer step) must be divisible by "
+         f"train.grad_accum={cfg.train.grad_accum} (the micro-batch is their quotient)"),
+        (cfg.parallel.deepspeed.zero_stage in (0, 1, 2, 3), "parallel.deepspeed.zero_stage must be 0, 1, 2 or 3"),
     ]
     for ok, message in checks:
         if not ok:
@@ -233,7 +253,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"config key {key!r} has the wrong type: {value!r}")
-    if hint is bool:
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif hint is bool:
         if isinstance(value, bool):
             return value
     elif hint is int:

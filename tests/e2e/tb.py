@@ -17,3 +17,20 @@ def image_tags(tb_dir: Path) -> list[str]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"images": 0})
     acc.Reload()
     return acc.Tags()["images"]
+
+
+def hparams(tb_dir: Path) -> dict[str, object]:
+    """The session-start hparams TensorBoard's HPARAMS tab shows for this run folder."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            out: dict[str, object] = {}
+            for key, value in data.session_start_info.hparams.items():
+                kind = value.WhichOneof("kind")
+                out[key] = getattr(value, kind)
+            return out
+    return {}

@@ -46,6 +46,11 @@ def _int_env(name: str, default: int) -> int:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def launch_world_size() -> int:
+    """The world size the launcher announced, readable before joining the group (for early checks)."""
+    return _int_env("WORLD_SIZE", 1)
+
+
 def init_distributed(timeout_s: int = 1800) -> DistEnv:
     """Join the process group described by torchrun's variables, or run alone without them.
 

@@ -1,13 +1,11 @@
-"""Turn a plain UNet into the module that trains: one function, a fixed order.
+"""Turn a plain UNet into the module that trains: one place, a fixed order.
 
-Order matters: norm conversion and checkpointing change which modules run, memory format is
-set once the module sits on its device, and DDP wraps last so it registers the final
-parameters and buffers (and its hooks see checkpointed recomputation, not a second forward).
+`prepare_module` does what every backend needs (norm conversion, activation checkpointing,
+device, memory format); `wrap_ddp` adds DDP last so it registers the final parameters and
+buffers. The DeepSpeed adapter calls `prepare_module` and hands the result to its engine.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import nn
@@ -17,17 +15,20 @@ from unetdist.config import ParallelConfig, TrainConfig
 from unetdist.dist.checkpointing import apply_activation_checkpointing
 from unetdist.dist.env import DistEnv
 
-log = logging.getLogger(__name__)
 
-
-def parallelize(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, env: DistEnv) -> nn.Module:
-    """SyncBatchNorm (GPU, several ranks) -> activation checkpointing -> device/memory format -> DDP."""
+def prepare_module(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, env: DistEnv) -> nn.Module:
+    """SyncBatchNorm (GPU, several ranks) -> activation checkpointing -> device -> memory format."""
     if parallel.sync_batchnorm and env.distributed and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     apply_activation_checkpointing(model, train.activation_checkpointing)
     model.to(env.device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_ddp(model: nn.Module, parallel: ParallelConfig, env: DistEnv) -> nn.Module:
+    """DDP across ranks (the plain module when running alone)."""
     if not env.distributed:
         return model
     return DistributedDataParallel(

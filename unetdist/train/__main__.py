@@ -7,17 +7,23 @@ import logging
 import sys
 
 from unetdist.config import ConfigError, load_config
-from unetdist.dist.env import destroy_distributed, init_distributed
+from unetdist.dist.env import destroy_distributed, init_distributed, launch_world_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config, e.g. configs/default.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. train.steps=100")
+    # The `deepspeed` launcher appends --local_rank=N; the device follows LOCAL_RANK from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def train_main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.parallel.backend == "deepspeed":  # validate the generated DeepSpeed config before any group work
+            from unetdist.dist.deepspeed_config import deepspeed_config
+
+            deepspeed_config(cfg, launch_world_size())
     except ConfigError as exc:
         print(f"unetdist train: {exc}", file=sys.stderr)
         return 2

@@ -66,9 +66,15 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_image("val/input_target_prediction", grid, step, dataformats="HW")
 
-    def hparams(self, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text("config", f"```\n{text}\n```", 0)
+    def config(self, text: str, hparams: dict[str, float | int | str | bool]) -> None:
+        """The resolved config as text, and the key settings in TensorBoard's HPARAMS tab (same run folder)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        self.writer.add_text("config", f"```\n{text}\n```", 0)
+        for summary in hparams_summary(hparams, {"val/dice/foreground": 0.0}):
+            self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         if self.bar is not None:

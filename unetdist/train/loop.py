@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -19,7 +18,7 @@ from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.dist.env import DistEnv, all_reduce_mean, barrier, broadcast_object
-from unetdist.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from unetdist.train.checkpoint import resolve_resume
 from unetdist.train.preemption import Preempted, StopSignal
 from unetdist.train.logging import RunLogger, Throughput, prediction_grid, save_png
 from unetdist.train.trainer import Trainer, build_trainer
@@ -37,7 +36,7 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = RunLogger(run_dir / "tb" if env.is_main else None, cfg.train.steps, trainer.step)
-    logger.hparams(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger.config(yaml.safe_dump(to_dict(cfg), sort_keys=False), _hparams(cfg, env))
     stop_signal = StopSignal()
     try:
         metrics = _train(cfg, env, trainer, manifest, logger, run_dir, stop_signal)
@@ -46,6 +45,24 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
         logger.close()
     barrier(env)
     return metrics
+
+
+def _hparams(cfg: Config, env: DistEnv) -> dict[str, float | int | str | bool]:
+    return {
+        "backend": cfg.parallel.backend,
+        "zero_stage": cfg.parallel.deepspeed.zero_stage if cfg.parallel.backend == "deepspeed" else -1,
+        "world_size": env.world_size,
+        "global_batch": cfg.data.batch_size * env.world_size,
+        "grad_accum": cfg.train.grad_accum,
+        "precision": cfg.train.precision,
+        "optimizer": cfg.train.optimizer,
+        "lr": cfg.train.lr,
+        "base_width": cfg.model.base_width,
+        "depth": cfg.model.depth,
+        "norm": cfg.model.norm,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "tile": cfg.data.shard.tile,
+    }
 
 
 def _open_data(cfg: Config) -> Manifest:
@@ -69,8 +86,7 @@ def _resume(cfg: Config, env: DistEnv, trainer: Trainer, ckpt_dir: Path) -> None
     path = broadcast_object(env, path)
     if path is None:
         return
-    state = load_checkpoint(Path(path))
-    trainer.load_state_dict(state)
+    state = trainer.load(Path(path))
     if env.is_main:
         log.info("resumed from %s at step %d", path, trainer.step)
         if state.get("world_size") != env.world_size:
@@ -154,9 +170,5 @@ def _validate(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, l
 
 
 def _save(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, ckpt_dir: Path) -> None:
-    state: dict[str, Any] = trainer.state_dict()  # collective: every rank takes part
-    state["data"] = manifest.checkpoint_info()
-    if env.is_main:
-        path = save_checkpoint(ckpt_dir, trainer.step, state, cfg.train.keep_last)
-        log.debug("saved %s (%d kept)", path, len(list_checkpoints(ckpt_dir)))
+    trainer.save(ckpt_dir, {"data": manifest.checkpoint_info()})  # collective: every rank takes part
     barrier(env)

@@ -1,7 +1,9 @@
 """Trainer: one optimisation step, evaluation and the state that resumes them.
 
 Building is separate from running (`build_trainer`), and the trainer knows nothing of data
-streams, logging or files: the run loop in `loop.py` feeds it batches and persists its state.
+streams, logging or files: the run loop in `loop.py` feeds it batches, and the backend engine
+(`engine.TorchEngine` for DDP, `unetdist.dist.deepspeed.DeepSpeedEngine`) does the
+backend-specific work behind one interface, so there is one training loop for both.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import logging
 import random
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -19,64 +22,39 @@ from torch import nn
 
 from unetdist.config import Config, to_dict
 from unetdist.dist.env import DistEnv
-from unetdist.dist.parallelize import parallelize, unwrap
 from unetdist.model import UNet
+from unetdist.train.engine import Engine, TorchEngine
 from unetdist.train.metrics import ConfusionCounter, segmentation_loss
-from unetdist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on this device (None: fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+Batch = dict[str, Any]
 
 
 class Trainer:
-    """Holds the parallelised model, optimizer, LR schedule and loss scaler, and the step count."""
+    """Drives an engine through micro-steps and evaluation; owns the step count and RNG state."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        env: DistEnv,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        amp_dtype: torch.dtype | None,
-    ) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, engine: Engine) -> None:
         self.cfg = cfg
         self.env = env
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.amp_dtype = amp_dtype
-        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.engine = engine
         self.step = 0
 
     @property
     def module(self) -> nn.Module:
-        return unwrap(self.model)
+        return self.engine.module
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
+        if self.engine.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.env.device.type, dtype=self.engine.amp_dtype)
 
-    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         image = batch["image"].to(self.env.device, non_blocking=True)
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return image, batch["label"].to(self.env.device, non_blocking=True)
+        label = batch["label"].to(self.env.device, non_blocking=True)
+        return image, label, self._pixel_weight(batch)
 
     def _pixel_weight(self, batch: Batch) -> torch.Tensor | None:
         if not self.cfg.train.weight_map:
@@ -87,102 +65,100 @@ class Trainer:
         return batch["weight"].to(self.env.device, non_blocking=True)
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Forward, backward, clip, step. Returns device tensors so the caller decides when to sync."""
-        self.model.train()
-        image, label = self._to_device(batch)
-        with self._autocast():
-            logits = self.model(image)
-        loss = segmentation_loss(logits, label, self.cfg.train.dice_weight, self._pixel_weight(batch))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        lr = torch.tensor(self.optimizer.param_groups[0]["lr"])
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        """One optimizer step over `batch`, split into `train.grad_accum` micro-batches.
+
+        Returns device tensors so the caller decides when to synchronise.
+        """
+        image, label, weight = self._to_device(batch)
+        micro_steps = self.cfg.train.grad_accum
+        self.module.train()
+        lr = self.engine.lr
+        losses = []
+        for i, (x, y) in enumerate(zip(image.chunk(micro_steps), label.chunk(micro_steps))):
+            w = weight.chunk(micro_steps)[i] if weight is not None else None
+            with self.engine.accumulate(last=i == micro_steps - 1):
+                logits = self.engine.forward(x)
+                loss = segmentation_loss(logits, y, self.cfg.train.dice_weight, w)
+                self.engine.backward(loss, micro_steps)
+            losses.append(loss.detach())
+        grad_norm = self.engine.step()
         self.step += 1
-        out = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr}
-        if self.scaler is not None:
-            out["loss_scale"] = torch.tensor(self.scaler.get_scale())
+        out = {"loss": torch.stack(losses).mean(), "grad_norm": grad_norm, "lr": torch.tensor(lr)}
+        scale = self.engine.loss_scale
+        if scale is not None:
+            out["loss_scale"] = torch.tensor(scale)
         return out
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch], keep: int = 0) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """Metrics over `batches` from global counts; also returns up to `keep` (image, label, pred) on CPU."""
-        self.model.eval()
-        self._sync_buffers()
+        """Metrics over `batches` from global counts; also returns up to `keep` (image, label, pred) on CPU.
+
+        Uses a plain module (no DDP forward, no ZeRO-3 gathering per layer), so ranks that see
+        different numbers of validation batches never wait on each other inside the loop.
+        """
+        module = self.engine.eval_module()
+        module.eval()
+        if self.env.distributed:  # rank 0's BatchNorm statistics everywhere, as checkpoints hold them
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
         counter = ConfusionCounter(self.cfg.model.num_classes, self.env.device)
         kept: list[torch.Tensor] = []
         for batch in batches:
-            image, label = self._to_device(batch)
+            image, label, weight = self._to_device(batch)
             with self._autocast():
-                logits = self.module(image)  # no DDP forward: ranks may see different batch counts
-            per_sample = segmentation_loss(logits, label, self.cfg.train.dice_weight, self._pixel_weight(batch))
-            per_sample = per_sample * label.shape[0]
-            counter.update(logits.float(), label, per_sample)
+                logits = module(image)
+            loss = segmentation_loss(logits, label, self.cfg.train.dice_weight, weight) * label.shape[0]
+            counter.update(logits.float(), label, loss)
             if len(kept) < keep:
-                n = keep - len(kept)
                 pred = logits.argmax(1)
-                kept.extend(torch.stack([image[i, 0].float(), label[i].float(), pred[i].float()]).cpu() for i in range(min(n, len(label))))
+                for i in range(min(keep - len(kept), len(label))):
+                    kept.append(torch.stack([image[i, 0].float(), label[i].float(), pred[i].float()]).cpu())
+        module.train()
         counter.all_reduce()
         return counter.summary(), kept
 
-    def _sync_buffers(self) -> None:
-        """Give every rank rank 0's BatchNorm statistics (DDP only syncs them at the next forward)."""
-        if self.env.distributed:
-            for buffer in self.module.buffers():
-                dist.broadcast(buffer, 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs; collective (gathers every rank's RNG state), call on all ranks."""
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        """Collective: every rank contributes its RNG state; the engine writes its checkpoint format."""
         rng = _rng_state(self.env.device)
         if self.env.distributed:
             gathered: list[Any] = [None] * self.env.world_size
             dist.all_gather_object(gathered, rng)
         else:
             gathered = [rng]
-        return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+        client_state = {
             "step": self.step,
             "world_size": self.env.world_size,
             "rng": gathered,
             "config": to_dict(self.cfg),
             "model_hparams": asdict(self.cfg.model),
+            **extra,
         }
+        self.engine.save(directory, self.step, client_state, self.cfg.train.keep_last)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+    def load(self, path: Path) -> dict[str, Any]:
+        state = self.engine.load(path)
         self.step = int(state["step"])
         rngs = state.get("rng") or []
         if len(rngs) == self.env.world_size:
             _set_rng_state(rngs[self.env.rank], self.env.device)
         elif self.env.is_main:
             log.warning("checkpoint has RNG states for %d ranks, this run has %d: RNG not restored", len(rngs), self.env.world_size)
+        return state
+
+
+def build_engine(cfg: Config, env: DistEnv, model: nn.Module) -> Engine:
+    if cfg.parallel.backend == "deepspeed":
+        from unetdist.dist.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, env, model)
+    return TorchEngine(cfg, env, model)
 
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
-    """Seed, build the model (same initial weights on every rank), parallelise it, and its optimizer."""
+    """Seed, build the model (same initial weights on every rank) and the backend engine around it."""
     seed_everything(cfg.run.seed)
     model = UNet(**asdict(cfg.model))
-    model = parallelize(model, cfg.train, cfg.parallel, env)
-    optimizer = build_optimizer(list(model.parameters()), cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    return Trainer(cfg, env, model, optimizer, scheduler, resolve_precision(cfg.train.precision, env.device))
+    return Trainer(cfg, env, build_engine(cfg, env, model))
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,140 @@
+"""The backend interface the trainer drives, and its DDP implementation.
+
+One training loop serves every backend: an engine owns the wrapped model, the optimizer, the
+LR schedule and loss scaling, and knows how to save and load its own checkpoints. The
+DeepSpeed engine (`unetdist.dist.deepspeed`) implements the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from unetdist.config import Config
+from unetdist.dist.env import DistEnv
+from unetdist.dist.parallelize import prepare_module, unwrap, wrap_ddp
+from unetdist.train.checkpoint import load_checkpoint, save_checkpoint
+from unetdist.train.optim import build_optimizer, build_scheduler
+
+
+class Engine(Protocol):
+    """What the trainer needs from a backend."""
+
+    amp_dtype: torch.dtype | None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor: ...
+    def accumulate(self, last: bool) -> AbstractContextManager[None]: ...
+    def backward(self, loss: torch.Tensor, micro_steps: int) -> None: ...
+    def step(self) -> torch.Tensor: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def loss_scale(self) -> float | None: ...
+    @property
+    def module(self) -> nn.Module: ...
+    def eval_module(self) -> nn.Module: ...
+    def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None: ...
+    def load(self, path: Path) -> dict[str, Any]: ...
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on this device (None: fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class TorchEngine:
+    """DDP (or a plain module alone), torch optimizer and LR schedule, GradScaler for fp16."""
+
+    def __init__(self, cfg: Config, env: DistEnv, model: nn.Module) -> None:
+        self.cfg, self.env = cfg, env
+        self.model = wrap_ddp(prepare_module(model, cfg.train, cfg.parallel, env), cfg.parallel, env)
+        self.optimizer = build_optimizer(list(self.model.parameters()), cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.amp_dtype is None:
+            return self.model(image)
+        with torch.autocast(self.env.device.type, dtype=self.amp_dtype):
+            return self.model(image)
+
+    def accumulate(self, last: bool) -> AbstractContextManager[None]:
+        """Skip DDP's all-reduce on all but the last micro-step; gradients just add up locally."""
+        if self.env.distributed and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, micro_steps: int) -> None:
+        loss = loss / micro_steps
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    @property
+    def module(self) -> nn.Module:
+        return unwrap(self.model)
+
+    def eval_module(self) -> nn.Module:
+        return self.module
+
+    def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None:
+        """Rank 0 writes one atomic file; the caller gathered whatever client_state needs from all ranks."""
+        if not self.env.is_main:
+            return
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            **client_state,
+        }
+        save_checkpoint(directory, step, state, keep_last)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        if path.is_dir():
+            raise ValueError(f"{path} is a DeepSpeed checkpoint folder; set parallel.backend=deepspeed to resume it "
+                             "(or `unetdist export` it to a model file)")
+        state = load_checkpoint(path)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return state
