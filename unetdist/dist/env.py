@@ -113,3 +113,12 @@ def all_reduce_mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out)
         out /= env.world_size
     return out
+
+
+def all_reduce_max(env: DistEnv, value: float) -> float:
+    """The largest of each rank's `value` (e.g. peak memory: the rank closest to running out)."""
+    if not env.distributed:
+        return value
+    out = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return float(out.item())

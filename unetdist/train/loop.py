@@ -17,7 +17,7 @@ import yaml
 from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
-from unetdist.dist.env import DistEnv, all_reduce_mean, barrier, broadcast_object
+from unetdist.dist.env import DistEnv, all_reduce_max, all_reduce_mean, barrier, broadcast_object
 from unetdist.train.checkpoint import resolve_resume
 from unetdist.train.preemption import Preempted, StopSignal
 from unetdist.train.logging import RunLogger, Throughput, prediction_grid, save_png
@@ -131,6 +131,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
                     values["loss_scale"] = float(out["loss_scale"])
                 values["epoch"] = float(epoch)
                 values.update(throughput.report(env.device))
+                values["peak_memory_gb"] = all_reduce_max(env, values["peak_memory_gb"])
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
                 loss_sum.zero_()
