@@ -158,3 +158,33 @@ def test_zero3_export_loads_into_plain_unet_with_same_predictions(tmp_path: Path
     probe = torch.randn(2, 1, 40, 44, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(model(probe), torch.load(out), rtol=1e-6, atol=1e-6)
+
+
+def _checkpointing_worker(out: str) -> None:
+    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.train.trainer import build_trainer
+
+    env = init_distributed()
+    try:
+        results = {}
+        for policy in ("none", "all"):
+            cfg = load_config(None, BASE + ["parallel.backend=deepspeed", "parallel.deepspeed.zero_stage=2",
+                                            f"train.activation_checkpointing={policy}"])
+            trainer = build_trainer(cfg, env)
+            losses = _losses(trainer, _rank_batches(env.rank, 2))
+            buffers = {k: v.clone() for k, v in trainer.module.named_buffers()}
+            results[policy] = {"losses": losses, "buffers": buffers}
+        if env.is_main:
+            torch.save(results, out)
+    finally:
+        destroy_distributed()
+
+
+def test_activation_checkpointing_under_deepspeed_changes_nothing_but_memory(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt.pt"
+    spawn(_checkpointing_worker, 2, str(out))
+    r = torch.load(out)
+    assert r["all"]["losses"] == pytest.approx(r["none"]["losses"], rel=1e-6)
+    assert r["none"]["buffers"]["inc.double_conv.1.num_batches_tracked"].item() == 2
+    for key, value in r["none"]["buffers"].items():
+        torch.testing.assert_close(r["all"]["buffers"][key], value, rtol=1e-5, atol=0, msg=lambda m: f"{key}: {m}")
