@@ -16,6 +16,8 @@ from unetdist.config import ConfigError
 COMMAND_MODULES: tuple[str, ...] = (
     "unetdist.data.commands",
     "unetdist.train.commands",
+    "unetdist.bench.commands",
+    "unetdist.infer.commands",
 )
 
 

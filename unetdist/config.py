@@ -52,11 +52,49 @@ class SynthConfig:
 
 @dataclass
 class ShardConfig:
+    """How `unetdist shard` (and data.generate / data.fetch) cut images into WebDataset shards."""
+
     tile: int = 128
     overlap: int = 0
     shard_bytes: int = 256 * 1024 * 1024
+    min_shards: int = 1  # per split, when there are enough tiles: at least ranks x workers at scale
     val_fraction: float = 0.25
     seed: int = 0
+    axes: str = "auto"  # image axes over T (frames), C (channels), Y, X, e.g. "TCYX"; auto: from TIFF metadata
+    labels: Literal["classes", "instances"] = "classes"  # class masks, or instance ids converted to classes
+    frame_block: int = 0  # time-lapse: consecutive frames per train/val split unit (0: the whole stack)
+    min_foreground: float = 0.0  # train tiles with less foreground than this are "empty"
+    empty_keep: float = 1.0  # fraction of empty train tiles kept (0: reject all; 1: keep all)
+    weight_map: bool = False  # store the U-Net paper's per-pixel weight map with every tile
+    w0: float = 10.0  # weight map: border term amplitude
+    sigma: float = 5.0  # weight map: border term width in pixels
+    class_balance: bool = True  # weight map: w_c(x) = 1 / (K x frequency of the class of x); false: 1
+    workers: int = 0  # processes reading and tiling images (0: one per CPU core for inputs over 64 MB, else 1)
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly training augmentation in the loader workers; each part off with p = 0 (or false)."""
+
+    enabled: bool = True  # master switch (`data.augment: false` turns everything off)
+    crop: int = 0  # random crops of this size from the stored tiles (0: whole tiles)
+    foreground_oversample: float = 0.0  # chance a crop is centred on a foreground pixel (nnU-Net: 0.33)
+    flip: bool = True  # the 8 flips / 90-degree rotations
+    rotate_p: float = 0.0
+    rotate_deg: float = 15.0  # small rotations: angle uniform in +-rotate_deg
+    scale_p: float = 0.0
+    scale: float = 0.15  # zoom factor uniform in [1 - scale, 1 + scale]
+    elastic_p: float = 0.0
+    elastic_grid: int = 3  # the U-Net paper: 3 x 3 grid of random displacements ...
+    elastic_sigma: float = 10.0  # ... with this standard deviation in pixels, bicubically interpolated
+    intensity_p: float = 0.0  # chance of each of brightness, contrast, gamma
+    brightness: float = 0.1  # additive shift, uniform in +-brightness (normalised units)
+    contrast: float = 0.25  # factor uniform in [1 - contrast, 1 + contrast] around the tile mean
+    gamma: float = 0.3  # exponent exp(uniform(+-gamma)) on the tile's [min, max] range
+    noise_p: float = 0.0
+    noise_std: float = 0.1  # Gaussian noise, std uniform in [0, noise_std] (normalised units)
+    blur_p: float = 0.0
+    blur_sigma: float = 1.0  # Gaussian blur, sigma uniform in [0.5, blur_sigma] pixels
 
 
 @dataclass
@@ -67,8 +105,10 @@ class DataConfig:
     batch_size: int = 8  # per device
     workers: int = 2
     shuffle_buffer: int = 256
-    augment: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # `true`/`false` still accepted
     generate: bool = False  # make the synthetic dataset in `root` when it is missing
+    fetch: str = ""  # or download this dataset (e.g. cellunet-nuclei) and shard it into `root` when missing
+    cache_dir: str = ""  # downloads are kept here ("": ~/.cache/unetdist)
     synth: SynthConfig = field(default_factory=SynthConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
 
@@ -178,6 +218,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.shard.tile >= 8, "data.shard.tile must be >= 8"),
         (0 <= cfg.data.shard.overlap < cfg.data.shard.tile, "data.shard.overlap must be in [0, tile)"),
         (0.0 < cfg.data.shard.val_fraction < 1.0, "data.shard.val_fraction must be in (0, 1)"),
+        *_data_checks(cfg.data),
         (cfg.run.stop_at >= 0, "run.stop_at must be >= 0 (0: run to train.steps)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
@@ -200,6 +241,25 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
+def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
+    shard, aug = data.shard, data.augment
+    probabilities = ("foreground_oversample", "rotate_p", "scale_p", "elastic_p", "intensity_p", "noise_p", "blur_p")
+    return [
+        (not (data.generate and data.fetch), "data.generate and data.fetch exclude each other; set one"),
+        (shard.min_shards >= 1, "data.shard.min_shards must be >= 1"),
+        (shard.frame_block >= 0, "data.shard.frame_block must be >= 0 (0: a whole stack is one split unit)"),
+        (0.0 <= shard.min_foreground <= 1.0, "data.shard.min_foreground must be in [0, 1]"),
+        (0.0 <= shard.empty_keep <= 1.0, "data.shard.empty_keep must be in [0, 1]"),
+        (shard.w0 >= 0 and shard.sigma > 0, "data.shard.w0 must be >= 0 and data.shard.sigma > 0"),
+        (shard.workers >= 0, "data.shard.workers must be >= 0 (0: automatic)"),
+        (aug.crop == 0 or aug.crop >= 8, "data.augment.crop must be 0 (whole tiles) or >= 8"),
+        *((0.0 <= getattr(aug, p) <= 1.0, f"data.augment.{p} must be a probability in [0, 1]") for p in probabilities),
+        (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),
+        (aug.elastic_grid >= 2, "data.augment.elastic_grid must be >= 2"),
+        (aug.blur_sigma >= 0.5, "data.augment.blur_sigma must be >= 0.5"),
+    ]
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
@@ -208,6 +268,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
+        if isinstance(child, bool):  # `augment: true` in the file, then `augment.crop=96` on the command line
+            child = node[key] = {"enabled": child}
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {key!r} is a value, not a section")
         node = child
@@ -236,6 +298,8 @@ def where_key(where: str, key: str) -> str:
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, bool) and "enabled" in {f.name for f in dataclasses.fields(hint)}:
+            value = {"enabled": value}  # `section: true/false` is shorthand for `section.enabled`
         return _build(hint, value if value is not None else {}, key)
     origin = typing.get_origin(hint)
     if origin is Literal:

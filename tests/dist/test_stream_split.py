@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from unetdist.config import DataConfig, ShardConfig
+from unetdist.config import AugmentConfig, DataConfig, ShardConfig
 from unetdist.data import stream as stream_module
 from unetdist.data.shards import write_shards
 from unetdist.data.stream import Manifest, batches_per_epoch, normalize, open_manifest, train_loader, val_loader
@@ -74,7 +74,7 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 
 
 def data_config(**kw) -> DataConfig:
-    values = dict(batch_size=2, workers=2, shuffle_buffer=8, augment=True)
+    values = dict(batch_size=2, workers=2, shuffle_buffer=8, augment=AugmentConfig())
     values.update(kw)
     return DataConfig(**values)
 
@@ -151,7 +151,7 @@ def test_resume_skips_samples_without_decoding_them(
     data = data_config(batch_size=2, workers=0)
     decoded = []
     real = stream_module._decode
-    monkeypatch.setattr(stream_module, "_decode", lambda sample: decoded.append(sample["__key__"]) or real(sample))
+    monkeypatch.setattr(stream_module, "_decode", lambda sample, *a: decoded.append(sample["__key__"]) or real(sample, *a))
     total = batches_per_epoch(data, manifest, 2)
     collect(train_loader(data, manifest, rank=0, world_size=2, seed=5, epoch=0, start_batch=total - 1))
     assert len(decoded) == data.batch_size  # only the one batch that is yielded

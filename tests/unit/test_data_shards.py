@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from unetdist.config import ShardConfig
-from unetdist.data import shards as shards_module
+from unetdist.data import samples as samples_module
 from unetdist.data.shards import DataError, as_chw, load_array, read_pairs, write_shards
 from unetdist.data.tiling import tile_grid
 
@@ -133,7 +133,7 @@ def test_failure_midway_leaves_no_manifest_and_no_shards(tmp_path: Path, monkeyp
     out = tmp_path / "out"
     write_shards(pairs, out, CFG, num_classes=3)  # an older complete dataset in the same folder
     calls = {"n": 0}
-    real = shards_module._npy_bytes
+    real = samples_module.npy_bytes
 
     def failing(array: np.ndarray) -> bytes:
         calls["n"] += 1
@@ -141,7 +141,7 @@ def test_failure_midway_leaves_no_manifest_and_no_shards(tmp_path: Path, monkeyp
             raise OSError("disk full (simulated)")
         return real(array)
 
-    monkeypatch.setattr(shards_module, "_npy_bytes", failing)
+    monkeypatch.setattr(samples_module, "npy_bytes", failing)
     with pytest.raises(OSError, match="disk full"):
         write_shards(pairs, out, CFG, num_classes=3)
     assert calls["n"] == 40
@@ -149,17 +149,18 @@ def test_failure_midway_leaves_no_manifest_and_no_shards(tmp_path: Path, monkeyp
     assert sorted(p.name for p in out.iterdir()) == []  # no shards, no .tmp files
 
 
-def test_bad_label_in_validation_split_cleans_up(tmp_path: Path) -> None:
+def test_bad_label_stops_before_anything_is_written(tmp_path: Path) -> None:
     pairs = make_pairs(tmp_path / "raw")
     out = tmp_path / "out"
     manifest = write_shards(pairs, out, CFG, num_classes=3)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = next(q for p, q in pairs if str(p) in manifest["val"]["sources"])
     label = np.load(bad)
     label[3, 4] = 7
     np.save(bad, label)
     with pytest.raises(DataError, match=rf"{bad.name}.*label value 7.*num_classes=3"):
         write_shards(pairs, out, CFG, num_classes=3)
-    assert list(out.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the older dataset is untouched
 
 
 def test_shape_mismatch_names_both_files(tmp_path: Path) -> None:
@@ -213,7 +214,7 @@ def test_tiff_multichannel_and_16bit_png_are_lossless(tmp_path: Path) -> None:
     images = [rng.integers(0, 65536, (2, 20, 18), dtype=np.uint16) for _ in range(2)]
     pairs = []
     for i, image in enumerate(images):
-        tifffile.imwrite(tmp_path / f"img{i}.tif", image)
+        tifffile.imwrite(tmp_path / f"img{i}.tif", image, metadata={"axes": "CYX"})  # plain pages would be frames
         tifffile.imwrite(tmp_path / f"lbl{i}.tiff", rng.integers(0, 2, (20, 18), dtype=np.uint8))
         pairs.append((tmp_path / f"img{i}.tif", tmp_path / f"lbl{i}.tiff"))
     manifest = write_shards(pairs, tmp_path / "out", ShardConfig(tile=8, val_fraction=0.5), num_classes=2)

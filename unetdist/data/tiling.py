@@ -1,4 +1,4 @@
-"""Tile-grid arithmetic shared by shard writing and sliding-window inference.
+"""Tile-grid arithmetic shared by shard writing and sliding-window inference (cutting and stitching).
 
 Kept pure (numpy in, numpy out, no I/O) so the grid rule lives in one place: tiles of
 `tile` pixels start every `tile - overlap` pixels from the top-left corner; when the last
@@ -10,7 +10,7 @@ part of a tile that lies inside the original image is `valid_h x valid_w` from i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,3 +95,34 @@ def iter_tiles(image: np.ndarray, label: np.ndarray | None, tile: int, overlap: 
             image=np.ascontiguousarray(padded[:, y : y + tile, x : x + tile]),
             label=None if padded_label is None else np.ascontiguousarray(padded_label[y : y + tile, x : x + tile]),
         )
+
+
+def untile(tiles: Iterable[tuple[int, int, np.ndarray]], height: int, width: int, tile: int,
+           overlap: int) -> np.ndarray:
+    """Stitch (y, x, array) tiles of the grid back into a ... x height x width array (the inverse of iter_tiles).
+
+    Where tiles overlap, each pixel comes from the tile whose centre is nearest: a tile gives up
+    `overlap // 2` pixels on each side that has a neighbour (the first tile along an axis keeps its
+    start, the last one its end), so seams fall in the middle of the overlaps and every pixel of
+    the image is written exactly once. Pixels of the reflect padding are dropped.
+    """
+    _check(tile, overlap)
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    out: np.ndarray | None = None
+    for y, x, array in tiles:
+        if out is None:
+            out = np.zeros(array.shape[:-2] + (height, width), array.dtype)
+        (y0, y1), (x0, x1) = (_kept(y, ys, tile, overlap, height), _kept(x, xs, tile, overlap, width))
+        out[..., y0:y1, x0:x1] = array[..., y0 - y : y1 - y, x0 - x : x1 - x]
+    if out is None:
+        raise ValueError("untile needs at least one tile")
+    return out
+
+
+def _kept(start: int, starts: list[int], tile: int, overlap: int, length: int) -> tuple[int, int]:
+    """The image interval a tile starting at `start` contributes along one axis."""
+    if start not in starts:
+        raise ValueError(f"{start} is not a tile start of the grid {starts}")
+    first = start if start == starts[0] else start + overlap // 2
+    last = start + tile if start == starts[-1] else start + tile - (overlap - overlap // 2)
+    return first, min(last, length)

@@ -22,8 +22,8 @@ the head ``outc`` that is never recomputed: 1.333x the plain step.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import NamedTuple
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
 
 
 class ConvLayer(NamedTuple):
@@ -190,3 +190,19 @@ def stage_levels(depth: int) -> list[tuple[str, int]]:
         + [(f"downs.{i}", i + 1) for i in range(depth)]
         + [(f"ups.{j}", depth - 1 - j) for j in range(depth)]
     )
+
+
+FLOP_HPARAMS: tuple[str, ...] = ("in_channels", "num_classes", "base_width", "depth", "bilinear")
+
+
+def train_step_flops_for(model: Mapping[str, Any], height: int, width: int, batch: int, policy: str = "none") -> int:
+    """:func:`train_step_flops` for a model given by its hyper-parameters.
+
+    Args:
+        model: ``dataclasses.asdict(cfg.model)`` or ``UNet.hparams``; keys the count does not
+            depend on (``norm``: normalisation is not counted) are ignored.
+        height, width, batch: the per-device batch of one optimizer step (with gradient
+            accumulation, the micro-batches together: the count is linear in the batch).
+        policy: ``train.activation_checkpointing``.
+    """
+    return train_step_flops(height, width, batch, policy=policy, **{k: model[k] for k in FLOP_HPARAMS if k in model})

@@ -73,6 +73,9 @@ def _open_data(cfg: Config) -> Manifest:
             f"data in {root} has {manifest.channels} channel(s) but model.in_channels={cfg.model.in_channels}; "
             f"set model.in_channels={manifest.channels}"
         )
+    if cfg.train.weight_map and not manifest.weights:
+        raise ConfigError(f"train.weight_map=true but the shards in {root} hold no weight maps; "
+                          "re-shard with --weight-map (data.shard.weight_map=true) or set train.weight_map=false")
     if manifest.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"data in {root} has {manifest.num_classes} classes but model.num_classes={cfg.model.num_classes}; "
@@ -106,6 +109,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
     stop = min(total, cfg.run.stop_at) if cfg.run.stop_at > 0 else total
     throughput = Throughput(env.world_size)
     loss_sum, loss_count = torch.zeros((), device=env.device), 0
+    skipped = torch.zeros((), dtype=torch.float64, device=env.device)  # damaged samples dropped since (re)start
     metrics: dict[str, float] = {}
     while trainer.step < stop:
         epoch, start = divmod(trainer.step, per_epoch)
@@ -123,6 +127,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             throughput.add(image.shape[0], image.shape[0] * image.shape[-2] * image.shape[-1], wait)
             loss_sum += out["loss"].float()
             loss_count += 1
+            skipped += int(batch.get("skipped", 0))
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
                 values = {"loss": float(all_reduce_mean(env, loss_sum)) / loss_count,
@@ -132,6 +137,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
                 values["epoch"] = float(epoch)
                 values.update(throughput.report(env.device))
                 values["peak_memory_gb"] = all_reduce_max(env, values["peak_memory_gb"])
+                values["data_skipped"] = float(all_reduce_mean(env, skipped)) * env.world_size
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
                 loss_sum.zero_()

@@ -54,6 +54,7 @@ class ConfusionCounter:
         self.counts = torch.zeros(3, num_classes + 1, dtype=torch.float64, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.samples = torch.zeros((), dtype=torch.float64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.float64, device=device)  # damaged samples the loader dropped
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor) -> None:
         pred = logits.argmax(dim=1)
@@ -74,7 +75,7 @@ class ConfusionCounter:
     def all_reduce(self) -> None:
         """Sum the counts over ranks; one collective per tensor, after the loop, so uneven ranks cannot deadlock."""
         if dist.is_available() and dist.is_initialized():
-            for tensor in (self.counts, self.loss_sum, self.samples):
+            for tensor in (self.counts, self.loss_sum, self.samples, self.skipped):
                 dist.all_reduce(tensor)
 
     def summary(self) -> dict[str, float]:
@@ -90,4 +91,5 @@ class ConfusionCounter:
         out["dice/mean_fg_classes"] = sum(dice[1 : self.num_classes]) / (self.num_classes - 1)
         out["loss"] = float(self.loss_sum / self.samples.clamp_min(1))
         out["samples"] = float(self.samples)
+        out["data_skipped"] = float(self.skipped)
         return out

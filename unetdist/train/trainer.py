@@ -109,6 +109,7 @@ class Trainer:
                 logits = module(image)
             loss = segmentation_loss(logits, label, self.cfg.train.dice_weight, weight) * label.shape[0]
             counter.update(logits.float(), label, loss)
+            counter.skipped += int(batch.get("skipped", 0))
             if len(kept) < keep:
                 pred = logits.argmax(1)
                 for i in range(min(keep - len(kept), len(label))):

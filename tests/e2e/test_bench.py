@@ -1,0 +1,58 @@
+"""`launch/gpu_check.sh --dry-run`: the GPU check's steps on CPU at the tiny preset, read back from its files.
+
+It runs `unetdist bench smoke` and `unetdist bench --preset tiny` through the real CLI, so this
+is also the CI smoke test of the benchmark: the JSON has its schema and every figure is positive
+(no timing is asserted: these CPUs are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cmd
+from unetdist.bench.report import SCHEMA, check_report
+from unetdist.cli import build_parser
+
+pytestmark = pytest.mark.slow
+
+
+def test_cli_registers_bench_commands() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["bench", "--preset", "tiny"]).func.__name__ == "_bench"
+    assert parser.parse_args(["bench", "train", "--only", "memory"]).func.__name__ == "_bench"
+    assert parser.parse_args(["bench", "smoke", "--steps", "5"]).func.__name__ == "_smoke"
+    bench = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
+    sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"train", "smoke", "loader"}  # loader: issue 3's module, or a message
+
+
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    proc = run_cmd(["bash", str(REPO / "launch/gpu_check.sh"), "--dry-run", str(out)], timeout=600,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert {"env.txt", "gpu_check.log", "smoke.json", "smoke.log", "bench.json", "bench.log"} <= {
+        p.name for p in out.iterdir()}
+    assert "PASSED" in (out / "gpu_check.log").read_text()
+
+    smoke = json.loads((out / "smoke.json").read_text())
+    assert smoke["passed"] and smoke["loss"]["steps"] == 50 and smoke["loss"]["last_mean"] < smoke["loss"]["first_mean"]
+    assert all(smoke["checkpointing"][p]["bn_counts_equal"] for p in ("highres", "all"))
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["schema"] == SCHEMA and report["preset"] == "tiny"
+    assert check_report(report) == [] and report["problems"] == []
+    names = [row["name"] for row in report["rows"]]
+    for name in ("reference [end_to_end]", "ours fp32 [end_to_end]", "reference [compute]", "ours fp32 [compute]",
+                 "ours fp32", "ours bf16", "ours fp32+channels_last", "ours fp32 ckpt=highres", "ours fp32 ckpt=all",
+                 "ours bf16+channels_last", "ours bf16+channels_last ckpt=all", "ours fp32 DDP x1", "ours fp32 DDP x2"):
+        assert name in names, f"missing row {name!r}; have {names}"
+    assert [c["denominator"] for c in report["comparisons"]] == ["reference [end_to_end]", "reference [compute]"]
+    assert report["ddp"]["processes"] == [1, 2] and report["ddp"]["backend"] == "gloo"
+    assert set(report["memory"]["policies"]) == {"none", "highres", "all"} and report["memory"]["tile"] == 512
+    assert any(s["row"] == "ours compile" for s in report["skipped"])  # GPU only, said so
+    assert "ratios:" in (out / "gpu_check.log").read_text()  # the table was printed

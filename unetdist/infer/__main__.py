@@ -1,0 +1,110 @@
+"""Entry point for torchrun: `python -m unetdist.infer predict|evaluate ...` (same as `unetdist predict|evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unetdist.dist.env import DistEnv, barrier, destroy_distributed, init_distributed
+
+
+if TYPE_CHECKING:
+    from unetdist.infer.report import EvalOptions
+
+
+def _logging(env: DistEnv) -> None:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    from unetdist.infer.run import options_from_args, predict_files
+
+    options, outputs = options_from_args(args)
+    options.validate()
+    env = init_distributed()
+    _logging(env)
+    try:
+        predict_files(args.model, args.inputs, Path(args.out), options, outputs, env, args.axes)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def evaluate_main(args: argparse.Namespace) -> int:
+    from unetdist.infer.io import expand_inputs
+    from unetdist.infer.report import EvalOptions, evaluate_files
+
+    if (args.pred is None) == (args.checkpoint is None):
+        raise ValueError("give either --pred (predicted label images) or --checkpoint with --images")
+    if args.checkpoint is not None and not args.images:
+        raise ValueError("--checkpoint needs --images (the raw images to predict)")
+    out = Path(args.out)
+    labels = expand_inputs(args.labels)
+    images = expand_inputs(args.images) if args.images else None
+    opts = EvalOptions(num_classes=args.num_classes, label_type=args.label_type, iou_threshold=args.iou_threshold,
+                       interior_class=args.interior_class, min_size=args.min_size, overlays=args.overlays)
+    if args.pred is not None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        metrics = evaluate_files(expand_inputs(args.pred), labels, out, opts, images)
+        _print(metrics, out)
+        return 0
+    if images is not None and len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label files; they are matched in sorted order, "
+                         "so the counts must be equal")
+    return _predict_then_evaluate(args, labels, images or [], opts, out)
+
+
+def _predict_then_evaluate(args: argparse.Namespace, labels: list[Path], images: list[Path], opts: EvalOptions,
+                           out: Path) -> int:
+    from dataclasses import replace
+
+    from unetdist.infer.report import evaluate_files
+    from unetdist.infer.run import options_from_args, predict_files
+
+    options, outputs = options_from_args(args)
+    options.validate()
+    env = init_distributed()
+    _logging(env)
+    try:
+        summary = predict_files(args.checkpoint, [str(p) for p in images], out / "predictions", options, outputs, env,
+                                args.axes)
+        if env.is_main:
+            preds = [Path(f["labels"]) for f in summary["files"]]
+            opts = replace(opts, num_classes=opts.num_classes or summary["model"]["hparams"]["num_classes"])
+            speed = {k: summary[k] for k in ("megapixels", "seconds", "megapixels_per_s", "world_size", "device")}
+            metrics = evaluate_files(preds, labels, out, opts, images, {"model": summary["model"], "prediction": speed})
+            _print(metrics, out)
+        barrier(env)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _print(metrics: dict, out: Path) -> None:
+    pooled = metrics["pooled"]
+    inst = pooled["instances"]
+    print(f"pooled over {len(metrics['images'])} image(s): Dice fg {pooled['dice']['foreground']:.4f}, "
+          f"IoU fg {pooled['iou']['foreground']:.4f}, objects F1 {inst['f1']:.4f} "
+          f"(precision {inst['precision']:.4f}, recall {inst['recall']:.4f}); reports in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unetdist.config import ConfigError
+    from unetdist.infer.commands import register
+
+    parser = argparse.ArgumentParser(prog="python -m unetdist.infer", description="Prediction and evaluation.")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"unetdist {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

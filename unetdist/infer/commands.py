@@ -1,0 +1,69 @@
+"""Argument parsing for `unetdist predict` and `unetdist evaluate` (implementations load lazily)."""
+
+from __future__ import annotations
+
+import argparse
+
+BLENDS = ("gaussian", "constant")  # unetdist.infer.windows.BLENDS, literal here so --help needs no numpy
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from unetdist.infer.__main__ import predict_main
+
+    return predict_main(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from unetdist.infer.__main__ import evaluate_main
+
+    return evaluate_main(args)
+
+
+def _window_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sliding windows")
+    g.add_argument("--tile", type=int, default=256, help="window size in pixels (default 256)")
+    g.add_argument("--overlap", type=int, default=64, help="minimum overlap of neighbouring windows (default 64)")
+    g.add_argument("--margin", type=int, default=None,
+                   help="pixels discarded at a window's inner edges, at most overlap/2 (default overlap/4)")
+    g.add_argument("--blend", choices=BLENDS, default="gaussian",
+                   help="gaussian (sigma = tile / 8) or constant (plain averaging)")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--tta", action="store_true", help="average over the 4 flips (4x the compute)")
+    g.add_argument("--axes", default="auto", help="image axes over T, C, Y, X, e.g. TCYX (default: auto, as "
+                                                  "`unetdist shard` reads them)")
+    g.add_argument("--interior-class", type=int, default=None,
+                   help="class whose connected components seed instances (default: 1 of 2 classes, 2 of 3)")
+    g.add_argument("--min-size", type=int, default=0, help="drop instances smaller than this many pixels")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment whole images with a trained model (sliding windows, blended)",
+                       description="Segment TIFF/PNG/npy images of any size. Runs alone or under torchrun "
+                                   "(python -m torch.distributed.run --nproc_per_node=N -m unetdist.infer predict ...).")
+    p.add_argument("model", help="checkpoint file, run folder (newest checkpoint) or exported model file")
+    p.add_argument("inputs", nargs="+", help="image files, folders or quoted globs ('raw/img_*.tif')")
+    p.add_argument("--out", required=True, help="output folder: <name>_labels.tif [, _probs.tif, _instances.tif]")
+    p.add_argument("--probabilities", action="store_true", help="also write softmax probabilities")
+    p.add_argument("--prob-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--instances", action="store_true", help="also write instance ids (touching nuclei separated "
+                                                            "when the model has a boundary class)")
+    _window_options(p)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU and instance F1 of predictions against label images",
+                       description="Score label images written by `unetdist predict` (--pred), or run a model "
+                                   "first (--checkpoint with --images). Files are matched in sorted order.")
+    p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices)")
+    p.add_argument("--pred", nargs="+", help="predicted label images")
+    p.add_argument("--checkpoint", help="predict with this model first (checkpoint, run folder or model file)")
+    p.add_argument("--images", nargs="+", help="the raw images: needed with --checkpoint, and for overlays")
+    p.add_argument("--label-type", choices=("classes", "instances"), default="classes",
+                   help="label files hold class indices, or instance ids (then they are the true objects)")
+    p.add_argument("--out", required=True, help="output folder: metrics.json/.md/.csv, overlays/")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the model's, or largest label + 1")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="object match threshold (default 0.5)")
+    p.add_argument("--overlays", type=int, default=4, help="overlay pictures for the images with the lowest F1")
+    _window_options(p)
+    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float16", instances=False)

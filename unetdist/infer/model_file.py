@@ -1,0 +1,182 @@
+"""Turning whatever a user points at (checkpoint, run folder, exported model) into a ready UNet.
+
+Why this module exists: prediction, evaluation and `unetdist export` must agree on what a model
+file is and on how its normalisation travels with it, so that nobody re-types intensity
+statistics by hand. `load_model_file` is the one loader they all use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unetdist.data.manifest import IntensityStats
+from unetdist.model import UNet
+from unetdist.train.export import MODEL_FORMAT as FORMAT  # one definition, shared with `unetdist export`
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed wrappers, torch.compile
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a model came from and what it expects.
+
+    Attributes:
+        path: the checkpoint file or DeepSpeed folder actually read (the newest one when a run folder was given).
+        kind: ``ddp-checkpoint``, ``deepspeed-checkpoint`` or ``model-file``.
+        step: optimizer step of the checkpoint (None for exported files without one).
+        hparams: ``UNet(**hparams)`` rebuilds the architecture.
+        data: the dataset description saved with it (``manifest.checkpoint_info()``).
+    """
+
+    path: Path
+    kind: str
+    step: int | None
+    hparams: dict[str, Any]
+    data: dict[str, Any]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.hparams["in_channels"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams["num_classes"])
+
+
+def model_file_state(model: UNet, stats: IntensityStats | dict[str, Any], data: dict[str, Any] | None = None,
+                     step: int | None = None) -> dict[str, Any]:
+    """The dict that `torch.save` writes as an exported model file (format ``unetdist-model-v1``)."""
+    if isinstance(stats, IntensityStats):
+        stats = {"low": list(stats.low), "high": list(stats.high), "clipped_mean": list(stats.clipped_mean),
+                 "clipped_std": list(stats.clipped_std)}
+    state = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "model_hparams": dict(model.hparams), "data": {**(data or {}), "stats": dict(stats)}}
+    if step is not None:
+        state["step"] = int(step)
+    return state
+
+
+def _read(path: Path) -> tuple[dict[str, Any], Path, str]:
+    """(state, file or folder read, kind) for any accepted `path` (see `load_model_file`)."""
+    from unetdist.train.export import find_checkpoint, read_training_checkpoint
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file, checkpoint or run folder")
+    try:
+        found = find_checkpoint(path)
+    except FileNotFoundError as exc:
+        raise ModelFileError(str(exc)) from exc
+    if found.is_dir():  # DeepSpeed: the export module's reader handles every ZeRO stage
+        try:
+            weights, client = read_training_checkpoint(found)
+        except Exception as exc:  # DeepSpeed and torch raise many types; name the folder
+            raise ModelFileError(f"{found}: cannot be read as a DeepSpeed checkpoint ({exc})") from exc
+        return {**client, "model": weights}, found, "deepspeed-checkpoint"
+    try:
+        state = torch.load(found, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors differ by version; name the file
+        raise ModelFileError(f"{found}: cannot be read as a model file or checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ModelFileError(f"{found}: holds a {type(state).__name__}, not a unetdist checkpoint or model file")
+    return state, found, "model-file" if state.get("format") == FORMAT else "ddp-checkpoint"
+
+
+def load_model_file(path: str | Path) -> tuple[UNet, IntensityStats, ModelInfo]:
+    """Load a UNet, the normalisation it was trained with, and where it came from.
+
+    Accepted: a DDP checkpoint ``runs/x/checkpoints/step_N.pt``; a run folder or its
+    checkpoints folder (the newest checkpoint); a DeepSpeed checkpoint folder ``step_N`` at any
+    ZeRO stage (read by `unetdist.train.export.read_training_checkpoint`: DeepSpeed's own files
+    hold more than tensors and are loaded in full, so only point at checkpoints you trust); and an
+    exported model file (what `unetdist export` writes and `model_file_state` builds), a
+    ``torch.save``d dict::
+
+        {"format": "unetdist-model-v1",
+         "model": state_dict,                          # UNet parameters and buffers, CPU tensors
+         "model_hparams": {"in_channels": 1, "num_classes": 2, "base_width": 64, "depth": 4,
+                           "bilinear": False, "norm": "batch"},   # UNet(**model_hparams)
+         "data": {"stats": {"low": [...], "high": [...],          # one value per channel, see
+                            "clipped_mean": [...], "clipped_std": [...]},  # unetdist.data.manifest.normalize
+                  ...},                                # optionally the rest of manifest.checkpoint_info()
+         "config": {...},                              # optional: the training run's resolved config
+         "step": 1000}                                 # optional
+
+    Files (not DeepSpeed folders) are read with ``torch.load(weights_only=True)``. The model is
+    returned in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        ModelFileError: unreadable file, not a unetdist UNet (other architecture or weights that
+            do not fit the hyper-parameters), or no normalisation statistics. The message names the file.
+    """
+    state, file, kind = _read(Path(path))
+    weights = _state_dict(state, file)
+    hparams = state.get("model_hparams")
+    if not isinstance(hparams, dict):
+        raise ModelFileError(f"{file}: no 'model_hparams' entry; it is not a unetdist checkpoint or model file "
+                             f"(top-level keys: {', '.join(sorted(map(str, state)))})")
+    model = _build(hparams, weights, file)
+    stats = _stats(state, file, model.hparams["in_channels"])
+    step = state.get("step")
+    info = ModelInfo(file, kind, None if step is None else int(step), dict(model.hparams), dict(state.get("data") or {}))
+    log.info("loaded %s (%s, step %s): UNet %s", file, kind, info.step, model.hparams)
+    return model, stats, info
+
+
+def _state_dict(state: dict[str, Any], file: Path) -> dict[str, torch.Tensor]:
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise ModelFileError(f"{file}: no model weights (a 'model' entry holding a state_dict)")
+    out = {}
+    for key, value in weights.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _build(hparams: dict[str, Any], weights: dict[str, torch.Tensor], file: Path) -> UNet:
+    try:
+        model = UNet(**hparams)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{file}: model_hparams {hparams} do not describe a unetdist UNet ({exc})") from exc
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise ModelFileError(f"{file}: the weights do not fit UNet({hparams}): another architecture? "
+                             f"({str(exc).splitlines()[-1].strip()})") from exc
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} weights, e.g. {result.missing_keys[:3]}")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected weights, e.g. {result.unexpected_keys[:3]}")
+    if problems:
+        raise ModelFileError(f"{file}: the weights are not those of UNet({hparams}): another architecture? "
+                             + "; ".join(problems))
+    return model.eval()
+
+
+def _stats(state: dict[str, Any], file: Path, channels: int) -> IntensityStats:
+    raw = (state.get("data") or {}).get("stats")
+    if raw is None:
+        raise ModelFileError(f"{file}: no normalisation statistics (data.stats); the model cannot be fed images "
+                             "the way it was trained")
+    try:
+        stats = IntensityStats.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{file}: data.stats is malformed ({exc!r})") from exc
+    if len(stats.low) != channels:
+        raise ModelFileError(f"{file}: data.stats has {len(stats.low)} channel(s) but the model takes {channels}")
+    return stats

@@ -1,0 +1,169 @@
+"""Sliding-window prediction of one frame of any size, blended into seamless logits.
+
+Why this module exists: whole fields of view are far larger than a training tile and than what
+one forward pass can hold, so a frame is cut into windows (`windows.py`), predicted in batches
+and blended back. A frame can also be predicted in bands of window rows, so that several ranks
+share one huge image: `accumulate` returns the weighted sums of a band, and sums of bands add up
+to the sums of the whole frame (`finalize` divides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unetdist.data.manifest import IntensityStats, normalize
+from unetdist.infer.windows import (BLENDS, Window, WindowGrid, check_tiling, default_margin, edge_weight, inner_edges,
+                                   window_grid)
+from unetdist.model import UNet
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How windows are placed, blended and run.
+
+    Attributes:
+        tile: window size in pixels.
+        overlap: minimum overlap of neighbouring windows.
+        margin: pixels discarded at a window's inner edges (None: `default_margin(overlap)`).
+        blend: ``gaussian`` (sigma = tile / 8) or ``constant`` (plain averaging).
+        batch_size: windows per forward pass.
+        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        tta: average the logits of the 4 flips (none, horizontal, vertical, both).
+    """
+
+    tile: int = 256
+    overlap: int = 64
+    margin: int | None = None
+    blend: str = "gaussian"
+    batch_size: int = 4
+    precision: str = "auto"
+    tta: bool = False
+
+    @property
+    def resolved_margin(self) -> int:
+        return default_margin(self.overlap) if self.margin is None else self.margin
+
+    def validate(self) -> None:
+        check_tiling(self.tile, self.overlap, self.resolved_margin)
+        if self.blend not in BLENDS:
+            raise ValueError(f"unknown blend {self.blend!r}; expected one of {', '.join(BLENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Band:
+    """Weighted logit sums of image rows [y0, y1): `acc` is K x rows x W, `weight` rows x W (CPU float32)."""
+
+    y0: int
+    y1: int
+    acc: torch.Tensor
+    weight: torch.Tensor
+
+
+class SlidingWindowPredictor:
+    """Runs a UNet over windows of a frame on one device.
+
+    Args:
+        model: the UNet (put in eval mode and moved to `device` here).
+        stats: the training normalisation, applied to the raw pixels of each window's band.
+        options: see `PredictOptions`.
+        device: where the model runs; blending happens on the CPU.
+    """
+
+    def __init__(self, model: UNet, stats: IntensityStats, options: PredictOptions, device: torch.device) -> None:
+        options.validate()
+        self.model = model.eval().to(device)
+        self.stats, self.options, self.device = stats, options, device
+        self.num_classes = int(model.hparams["num_classes"])
+        self.align = 2 ** int(model.hparams["depth"])
+        self.min_side = self.align * (2 if model.hparams["norm"] == "instance" else 1)
+        use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self._weights: dict[tuple, torch.Tensor] = {}
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """Frames smaller than the model's minimum input are reflect-padded at the bottom/right to it."""
+        return max(height, self.min_side), max(width, self.min_side)
+
+    def grid(self, height: int, width: int) -> WindowGrid:
+        """The windows of a `height` x `width` frame (in padded coordinates)."""
+        o = self.options
+        return window_grid(*self.padded_size(height, width), o.tile, o.overlap, self.align)
+
+    def predict(self, frame: np.ndarray, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Blended float32 logits (K x H x W, CPU) of one C x H x W frame of raw pixels."""
+        height, width = frame.shape[-2:]
+        band = self.accumulate(frame, None, progress)
+        return self.finalize(band.acc, band.weight, height, width)
+
+    def accumulate(self, frame: np.ndarray, rows: tuple[int, int] | None = None,
+                   progress: Callable[[int], None] | None = None) -> Band:
+        """Weighted sums over the windows of window rows `rows` (all by default) of a C x H x W frame."""
+        height, width = frame.shape[-2:]
+        grid = self.grid(height, width)
+        rows = rows or (0, grid.rows)
+        y0, y1 = grid.band(rows)
+        image = self._normalized(frame, y0, y1, grid)
+        acc = torch.zeros(self.num_classes, y1 - y0, grid.width)
+        weight = torch.zeros(y1 - y0, grid.width)
+        windows = grid.windows(rows)
+        for start in range(0, len(windows), self.options.batch_size):
+            batch = windows[start:start + self.options.batch_size]
+            tiles = np.stack([image[:, w.y - y0:w.y - y0 + w.h, w.x:w.x + w.w] for w in batch])
+            logits = self._forward(torch.from_numpy(tiles))
+            for window, out in zip(batch, logits):
+                wmap = self._weight(window, grid)
+                ys, xs = slice(window.y - y0, window.y - y0 + window.h), slice(window.x, window.x + window.w)
+                acc[:, ys, xs] += out * wmap
+                weight[ys, xs] += wmap
+            if progress is not None:
+                progress(len(batch))
+        return Band(y0, y1, acc, weight)
+
+    def finalize(self, acc: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Logits = acc / weight, cropped to the frame's `height` x `width`."""
+        if not bool((weight > 0).all()):
+            raise RuntimeError("internal error: some pixels got no window weight (window arithmetic)")
+        return (acc / weight)[:, :height, :width].contiguous()
+
+    def _weight(self, window: Window, grid: WindowGrid) -> torch.Tensor:
+        key = (window.h, window.w, inner_edges(window, grid.height, grid.width))
+        if key not in self._weights:
+            o = self.options
+            self._weights[key] = torch.from_numpy(edge_weight(*key[:2], o.blend, o.resolved_margin, key[2]).copy())
+        return self._weights[key]
+
+    def _normalized(self, frame: np.ndarray, y0: int, y1: int, grid: WindowGrid) -> np.ndarray:
+        """float32 normalised rows [y0, y1) of the frame, padded to the grid's size if the frame is smaller."""
+        height, width = frame.shape[-2:]
+        part = normalize(frame[:, y0:min(y1, height)], self.stats)
+        pad_h, pad_w = (y1 - y0) - part.shape[-2], grid.width - width
+        if pad_h or pad_w:
+            part = np.pad(part, [(0, 0), (0, pad_h), (0, pad_w)], mode="reflect")
+        return part
+
+    @torch.inference_mode()
+    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """float32 CPU logits of a batch; with TTA the mean over the 4 flips."""
+        x = tiles.to(self.device, non_blocking=True)
+        flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)] if self.options.tta else [()]
+        total = None
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            for dims in flips:
+                out = self.model(x.flip(dims) if dims else x).float()
+                out = out.flip(dims) if dims else out
+                total = out if total is None else total + out
+        assert total is not None
+        return (total / len(flips)).cpu()
