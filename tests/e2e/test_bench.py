@@ -48,10 +48,14 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert check_report(report) == [] and report["problems"] == []
     names = [row["name"] for row in report["rows"]]
     for name in ("reference [end_to_end]", "ours fp32 [end_to_end]", "reference [compute]", "ours fp32 [compute]",
+                 "ours fp32+channels_last [end_to_end]", "ours fp32+channels_last [compute]",
                  "ours fp32", "ours bf16", "ours fp32+channels_last", "ours fp32 ckpt=highres", "ours fp32 ckpt=all",
                  "ours bf16+channels_last", "ours bf16+channels_last ckpt=all", "ours fp32 DDP x1", "ours fp32 DDP x2"):
         assert name in names, f"missing row {name!r}; have {names}"
-    assert [c["denominator"] for c in report["comparisons"]] == ["reference [end_to_end]", "reference [compute]"]
+    assert [(c["numerator"], c["denominator"]) for c in report["comparisons"]] == [
+        ("ours fp32 [end_to_end]", "reference [end_to_end]"), ("ours fp32 [compute]", "reference [compute]"),
+        ("ours fp32+channels_last [end_to_end]", "reference [end_to_end]"),
+        ("ours fp32+channels_last [compute]", "reference [compute]")]
     assert report["ddp"]["processes"] == [1, 2] and report["ddp"]["backend"] == "gloo"
     assert set(report["memory"]["policies"]) == {"none", "highres", "all"} and report["memory"]["tile"] == 512
     assert any(s["row"] == "ours compile" for s in report["skipped"])  # GPU only, said so

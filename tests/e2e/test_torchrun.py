@@ -34,7 +34,7 @@ def test_torchrun_two_processes_train_validate_checkpoint_log(tmp_path: Path, ti
     scalars = read_scalars(run_dir / "tb")
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/megapixels_per_s",
                 "train/images_per_s_per_device", "train/megapixels_per_s_per_device", "train/data_wait_fraction",
-                "train/peak_memory_gb", "val/dice/class_1", "val/iou/class_1", "val/dice/foreground", "val/loss"):
+                "train/peak_memory_gb", "train/mfu", "train/data_skipped", "val/dice/class_1", "val/iou/class_1", "val/dice/foreground", "val/loss"):
         assert tag in scalars, f"missing TensorBoard tag {tag}; have {sorted(scalars)}"
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
     assert [s for s, _ in scalars["val/dice/foreground"]] == [4, 8]

@@ -126,3 +126,28 @@ def test_train_step_flops_for_a_config() -> None:
     model = asdict(ModelConfig(base_width=16, norm="group"))
     assert train_step_flops_for(model, 64, 96, 3, "highres") == train_step_flops(
         64, 96, 3, base_width=16, policy="highres")
+
+
+def test_gpu_headroom_search(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The GPU path's fit-then-verify search, with the allocator replaced by a linear memory model."""
+    from unetdist.bench import memory
+
+    gib = 2**30
+    per_sample = {"none": 1.0 * gib, "highres": 0.4 * gib, "all": 0.2 * gib}
+    fixed = 0.5 * gib
+
+    class FakeTrainer:
+        def __init__(self, policy: str) -> None:
+            self.policy = policy
+
+    def fake_peak(trainer: FakeTrainer, device: torch.device, batch: int, tile: int) -> float | None:
+        used = fixed + per_sample[trainer.policy] * batch * 1.05  # 5% more than the fit predicts: step down
+        return None if used > 20 * gib else used
+
+    monkeypatch.setattr(memory, "_peak_step", fake_peak)
+    monkeypatch.setattr(memory, "build_our_trainer", lambda cfg, env, lever: FakeTrainer(lever.checkpointing))
+    result = memory.headroom_cuda(PRESETS["gpu"], tmp_path, tmp_path, CPU, budget_gb=16.0, lever=Lever("bf16", True))
+    for policy, figures in result["policies"].items():
+        assert figures["verified_peak_gb"] <= 16.0
+        assert fixed + per_sample[policy] * (figures["max_batch"] + 1) * 1.05 > 16 * gib * 0.9  # close to the limit
+    assert result["ratio_all_vs_none"] > 3

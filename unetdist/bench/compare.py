@@ -16,6 +16,7 @@ Two modes, each a ratio:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,11 +73,15 @@ def _reference(preset: Preset, data: BenchData, device: torch.device, amp: bool)
 
 
 def contenders(preset: Preset, data: BenchData, run_dir: Path, device: torch.device, ours: Lever) -> list[Contender]:
-    """The reference as upstream runs it (fp32; on GPU also with --amp) and ours with ``ours``'s settings."""
+    """The reference as upstream runs it (fp32; on GPU also with --amp), then ours with ``ours``'s
+    settings and, when those are not channels_last, ours in the reference's channels_last layout too
+    (so that the ratio separates the memory layout from the rest of the trainer)."""
     found = [_reference(preset, data, device, amp=False)]
     if device.type == "cuda":
         found.append(_reference(preset, data, device, amp=True))
     found.append(_ours(preset, data, run_dir, device, ours))
+    if not ours.channels_last:
+        found.append(_ours(preset, data, run_dir, device, dataclasses.replace(ours, channels_last=True)))
     return found
 
 
@@ -117,14 +122,14 @@ def run_comparison(preset: Preset, data: BenchData, run_dir: Path, device: torch
         for c in entrants:
             c.close()
     rows = _rows(entrants, times, memory, preset, device)
-    ours_name = entrants[-1].name
     ratios = []
-    for ref in entrants[:-1]:
-        for mode in ("end_to_end", "compute"):
-            found = ratio(rows, f"{ours_name} [{mode}]", f"{ref.name} [{mode}]",
-                          f"ours / {ref.name}, {mode.replace('_', ' ')} (images/s per device)")
-            if found is not None:
-                ratios.append(found)
+    for mine in (c for c in entrants if c.trainer == "ours"):
+        for ref in (c for c in entrants if c.trainer == "reference"):
+            for mode in ("end_to_end", "compute"):
+                found = ratio(rows, f"{mine.name} [{mode}]", f"{ref.name} [{mode}]",
+                              f"{mine.name} / {ref.name}, {mode.replace('_', ' ')} (images/s per device)")
+                if found is not None:
+                    ratios.append(found)
     del entrants
     free_memory(device)
     return rows, ratios

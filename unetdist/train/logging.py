@@ -10,9 +10,12 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from unetdist.dist.env import DistEnv, all_reduce_max, all_reduce_mean
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,49 @@ class Throughput:
         }
         self.reset()
         return out
+
+
+class IntervalStats:
+    """Everything `train/*` reports for one log interval; `report` is collective (all ranks call it)."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.throughput = Throughput(env.world_size)
+        self.loss_sum = torch.zeros((), device=env.device)
+        self.loss_count = 0
+        self.skipped = torch.zeros((), dtype=torch.float64, device=env.device)  # since the (re)start
+
+    def add(self, batch: dict[str, Any], out: dict[str, torch.Tensor], data_wait: float) -> None:
+        image = batch["image"]
+        self.throughput.add(image.shape[0], image.shape[0] * image.shape[-2] * image.shape[-1], data_wait)
+        self.loss_sum += out["loss"].float()
+        self.loss_count += 1
+        self.skipped += int(batch.get("skipped", 0))
+
+    def report(self, out: dict[str, torch.Tensor], epoch: int, flops_per_image: int,
+               amp_dtype: torch.dtype | None) -> dict[str, float]:
+        env = self.env
+        values = {"loss": float(all_reduce_mean(env, self.loss_sum)) / max(self.loss_count, 1),
+                  "lr": float(out["lr"]), "grad_norm": float(out["grad_norm"]), "epoch": float(epoch)}
+        if "loss_scale" in out:
+            values["loss_scale"] = float(out["loss_scale"])
+        values.update(self.throughput.report(env.device))
+        values["peak_memory_gb"] = all_reduce_max(env, values["peak_memory_gb"])
+        values["data_skipped"] = float(all_reduce_mean(env, self.skipped)) * env.world_size
+        if env.is_main:
+            values["mfu"] = model_flops_utilisation(values["images_per_s_per_device"], flops_per_image,
+                                                    env.device, amp_dtype)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return values
+
+
+def model_flops_utilisation(images_per_s_per_device: float, flops_per_image: int, device: torch.device,
+                            amp_dtype: torch.dtype | None) -> float:
+    """Achieved model FLOP/s (analytic count, recomputation included) over the device's peak."""
+    from unetdist.bench.peak import peak_flops
+
+    return images_per_s_per_device * flops_per_image / peak_flops(device, amp_dtype or torch.float32)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import yaml
 
 from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
-from unetdist.dist.env import DistEnv, all_reduce_max, all_reduce_mean, barrier, broadcast_object
+from unetdist.dist.env import DistEnv, barrier, broadcast_object
+from unetdist.model.flops import train_step_flops_for
 from unetdist.train.checkpoint import resolve_resume
+from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png
 from unetdist.train.preemption import Preempted, StopSignal
-from unetdist.train.logging import RunLogger, Throughput, prediction_grid, save_png
 from unetdist.train.trainer import Trainer, build_trainer
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
            stop_signal: StopSignal) -> dict[str, float]:
     total, per_epoch = cfg.train.steps, batches_per_epoch(cfg.data, manifest, env.world_size)
     stop = min(total, cfg.run.stop_at) if cfg.run.stop_at > 0 else total
-    throughput = Throughput(env.world_size)
-    loss_sum, loss_count = torch.zeros((), device=env.device), 0
-    skipped = torch.zeros((), dtype=torch.float64, device=env.device)  # damaged samples dropped since (re)start
+    interval = IntervalStats(env)
     metrics: dict[str, float] = {}
     while trainer.step < stop:
         epoch, start = divmod(trainer.step, per_epoch)
@@ -123,28 +122,17 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
                 break
             wait = time.perf_counter() - t0
             out = trainer.train_step(batch)
-            image = batch["image"]
-            throughput.add(image.shape[0], image.shape[0] * image.shape[-2] * image.shape[-1], wait)
-            loss_sum += out["loss"].float()
-            loss_count += 1
-            skipped += int(batch.get("skipped", 0))
+            interval.add(batch, out, wait)
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
-                values = {"loss": float(all_reduce_mean(env, loss_sum)) / loss_count,
-                          "lr": float(out["lr"]), "grad_norm": float(out["grad_norm"])}
-                if "loss_scale" in out:
-                    values["loss_scale"] = float(out["loss_scale"])
-                values["epoch"] = float(epoch)
-                values.update(throughput.report(env.device))
-                values["peak_memory_gb"] = all_reduce_max(env, values["peak_memory_gb"])
-                values["data_skipped"] = float(all_reduce_mean(env, skipped)) * env.world_size
+                height, width = batch["image"].shape[-2:]
+                flops = train_step_flops_for(asdict(cfg.model), height, width, 1, cfg.train.activation_checkpointing)
+                values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
-                loss_sum.zero_()
-                loss_count = 0
             if _due(step, cfg.train.val_every, total):
                 metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
-                throughput.reset()
+                interval.throughput.reset()
             saved = _due(step, cfg.train.ckpt_every, total) or step == stop
             if saved:
                 _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
