@@ -101,15 +101,28 @@ def _time_allreduce(numel: int, device: torch.device, repeats: int = 5) -> float
     return statistics.median(seconds)
 
 
-def run_world(world_size: int, threads: int, spec: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
-    """Spawn ``world_size`` processes and return rank 0's result."""
+def run_world(world_size: int, threads: int, spec: dict[str, Any], batch: dict[str, Any],
+              attempts: int = 2) -> dict[str, Any]:
+    """Spawn ``world_size`` processes and return rank 0's result.
+
+    A second attempt on a new port covers the one race a free-port pick cannot exclude: another
+    job binding the port between our pick and the group's rendezvous.
+    """
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(prefix="unetdist-ddp-") as tmp:
-        result_path = str(Path(tmp) / "result.json")
-        mp.start_processes(_child, args=(world_size, _free_port(), threads, spec, batch, result_path),
-                           nprocs=world_size, join=True, start_method="spawn")
-        return json.loads(Path(result_path).read_text())
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory(prefix="unetdist-ddp-") as tmp:
+            result_path = str(Path(tmp) / "result.json")
+            try:
+                mp.start_processes(_child, args=(world_size, _free_port(), threads, spec, batch, result_path),
+                                   nprocs=world_size, join=True, start_method="spawn")
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                if attempt + 1 == attempts:
+                    raise
+                log.warning("DDP x%d failed (%s); trying again on another port", world_size, str(exc)[-300:])
+                continue
+            return json.loads(Path(result_path).read_text())
+    raise AssertionError("unreachable")
 
 
 def run_ddp(preset: Preset, data_root: Path, run_dir: Path, device: torch.device, batch: dict[str, Any],

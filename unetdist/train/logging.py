@@ -130,6 +130,13 @@ class IntervalStats:
         self.loss_count = 0
         self.skipped = torch.zeros((), dtype=torch.float64, device=env.device)  # since the (re)start
 
+    def prepare(self, amp_dtype: torch.dtype | None) -> None:
+        """Measure the device peak (on CPU a ~0.3 s matmul) now, not inside the first timed interval."""
+        if self.env.is_main:
+            from unetdist.bench.peak import peak_flops
+
+            peak_flops(self.env.device, amp_dtype or torch.float32)
+
     def add(self, batch: dict[str, Any], out: dict[str, torch.Tensor], data_wait: float) -> None:
         image = batch["image"]
         self.throughput.add(image.shape[0], image.shape[0] * image.shape[-2] * image.shape[-1], data_wait)

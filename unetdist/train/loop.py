@@ -109,6 +109,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
     total, per_epoch = cfg.train.steps, batches_per_epoch(cfg.data, manifest, env.world_size)
     stop = min(total, cfg.run.stop_at) if cfg.run.stop_at > 0 else total
     interval = IntervalStats(env)
+    interval.prepare(trainer.engine.amp_dtype)
     metrics: dict[str, float] = {}
     while trainer.step < stop:
         epoch, start = divmod(trainer.step, per_epoch)
