@@ -18,13 +18,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { echo "$(basename "$0"): $*" >&2; }
-quote() {  # the command as one copy-pasteable line
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$arg "; else out+="$(printf '%q' "$arg") "; fi
-  done
-  echo "${out% }"
-}
+# shellcheck source=launch/common.sh
+. "$REPO/launch/common.sh"
 
 CONFIG=${1:-$REPO/configs/default.yaml}
 if [ $# -gt 0 ]; then shift; fi

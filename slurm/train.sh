@@ -37,13 +37,6 @@ set -euo pipefail
 EXIT_RESUMABLE=75
 
 log() { echo "train.sh [$(date +%FT%T)] $*" >&2; }
-quote() {  # the command as one copy-pasteable line
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$arg "; else out+="$(printf '%q' "$arg") "; fi
-  done
-  echo "${out% }"
-}
 die() { log "error: $*"; exit 2; }
 
 preempted=0
@@ -59,6 +52,9 @@ trap on_usr1 USR1
 
 [ -n "${SLURM_JOB_ID:-}" ] || die "no SLURM_JOB_ID: submit with sbatch (or use launch/torchrun.sh without SLURM)"
 cd "${SLURM_SUBMIT_DIR:-.}"
+[ -f launch/common.sh ] || die "submit from the unetdist repository root (no launch/common.sh in $PWD)"
+# shellcheck source=launch/common.sh
+. launch/common.sh
 
 CONFIG=${1:-configs/default.yaml}
 if [ $# -gt 0 ]; then shift; fi

@@ -93,17 +93,10 @@ def _print(metrics: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unetdist.config import ConfigError
-    from unetdist.infer.commands import register
+    """torchrun needs a module to start; this one is the `unetdist` command line itself."""
+    from unetdist.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m unetdist.infer", description="Prediction and evaluation.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"unetdist {args.command}: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
