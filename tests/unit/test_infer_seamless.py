@@ -14,7 +14,7 @@ compared: they agree on >= 99% of the pixels, and the Gaussian blend beats plain
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -39,13 +39,7 @@ def _kaiming_unet(depth: int, width: int, seed: int = 0) -> UNet:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two cores shared with other jobs: one thread is faster than two contending ones, and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
