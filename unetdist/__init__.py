@@ -16,7 +16,7 @@ __all__ = ["__version__", "apply_activation_checkpointing"]
 
 def __getattr__(name: str) -> Any:
     if name == "apply_activation_checkpointing":
-        from unetdist.dist.checkpointing import apply_activation_checkpointing
+        from unetdist.parallel.checkpointing import apply_activation_checkpointing
 
         return apply_activation_checkpointing
     raise AttributeError(f"module 'unetdist' has no attribute {name!r}")

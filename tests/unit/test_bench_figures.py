@@ -11,7 +11,7 @@ import torch
 from unetdist import apply_activation_checkpointing
 from unetdist.bench.data import Lever
 from unetdist.bench.memory import headroom_meta, saved_bytes_meta
-from unetdist.bench.peak import lookup_gpu_peak, peak_flops
+from unetdist.model.peak import lookup_gpu_peak, peak_flops
 from unetdist.bench.presets import PRESETS, resolve_preset
 from unetdist.bench.report import SCHEMA, check_report, format_table
 from unetdist.bench.rows import FIGURES, make_row

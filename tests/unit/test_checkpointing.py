@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import unetdist.dist.checkpointing as ckpt
+import unetdist.parallel.checkpointing as ckpt
 from unetdist import __version__, apply_activation_checkpointing
-from unetdist.dist.checkpointing import POLICIES, is_checkpointed, select_stages
+from unetdist.parallel.checkpointing import POLICIES, is_checkpointed, select_stages
 from unetdist.model import UNet
 from unetdist.model.flops import train_step_flops
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import PYTHON, REPO, run_cmd
 from unetdist.config import ConfigError, load_config
-from unetdist.dist.deepspeed_config import deepspeed_config
+from unetdist.parallel.deepspeed_config import deepspeed_config
 
 
 def _cfg(*overrides: str):

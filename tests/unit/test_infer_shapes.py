@@ -12,7 +12,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from unetdist.dist.env import DistEnv
+from unetdist.parallel.env import DistEnv
 from unetdist.infer.model_file import model_file_state
 from unetdist.infer.predict import PredictOptions
 from unetdist.infer.run import OutputOptions, predict_files

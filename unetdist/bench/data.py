@@ -20,7 +20,7 @@ import torch
 
 from unetdist.bench.presets import Preset
 from unetdist.config import Config, load_config
-from unetdist.dist.env import DistEnv
+from unetdist.parallel.env import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def build_our_trainer(cfg: Config, env: DistEnv, lever: Lever) -> Any:
 
     ``nn.Module.compile()`` keeps the module object (and its state-dict keys), so the trainer,
     its optimizer and DDP see the same parameters. (A ``train.compile`` config key, applied in
-    ``unetdist.dist.parallelize`` after memory format and before DDP, would replace this.)
+    ``unetdist.parallel.parallelize`` after memory format and before DDP, would replace this.)
     """
     from unetdist.train.trainer import build_trainer
 

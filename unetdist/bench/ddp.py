@@ -2,7 +2,7 @@
 
 Why this module exists: DDP's cost is the gradient all-reduce that backward does not hide. The
 processes are real (``torch.multiprocessing`` spawn, torchrun's variables, joined through
-``unetdist.dist.env.init_distributed`` exactly as under torchrun), each with the same per-device
+``unetdist.parallel.env.init_distributed`` exactly as under torchrun), each with the same per-device
 batch, so global throughput at 2 over twice that at 1 is the scaling efficiency. The 2-process
 run also times a bare all-reduce of the gradient's size, the input to ``docs/scaling.md``'s model.
 
@@ -30,6 +30,7 @@ from unetdist.bench.presets import Preset
 from unetdist.bench.rows import make_row
 from unetdist.bench.scaling import measured_efficiency_model
 from unetdist.bench.timing import MemoryProbe, run_steps, sync
+from unetdist.parallel.env import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _child(rank: int, world_size: int, port: int, threads: int, spec: dict[str, 
                       OMP_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)
     from unetdist.bench.data import build_our_trainer
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
 
     env = init_distributed(timeout_s=600)
     try:
@@ -76,26 +77,27 @@ def _child(rank: int, world_size: int, port: int, threads: int, spec: dict[str, 
         numel = sum(p.numel() for p in trainer.module.parameters())
         result = {"row": row, "gradient_bytes": 4 * numel}
         if env.distributed:
-            result["allreduce_s"] = _time_allreduce(numel, env.device)
+            result["allreduce_s"] = _time_allreduce(env, numel)
         if env.is_main:
             Path(result_path).write_text(json.dumps(result))
     finally:
         destroy_distributed()
 
 
-def _time_allreduce(numel: int, device: torch.device, repeats: int = 5) -> float:
+def _time_allreduce(env: DistEnv, numel: int, repeats: int = 5) -> float:
     """Median seconds of one all-reduce of ``numel`` fp32 values (the gradient, one bucket)."""
-    import torch.distributed as dist
+    from unetdist.parallel.collectives import all_reduce_sum_, barrier
 
+    device = env.device
     flat = torch.ones(numel, device=device)
     for _ in range(2):
-        dist.all_reduce(flat)
+        all_reduce_sum_(env, flat)
     seconds = []
     for _ in range(repeats):
-        dist.barrier()
+        barrier(env)
         sync(device)
         start = time.perf_counter()
-        dist.all_reduce(flat)
+        all_reduce_sum_(env, flat)
         sync(device)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)

@@ -27,7 +27,7 @@ import torch
 from unetdist.bench.data import Lever, bench_config, build_our_trainer, single_env
 from unetdist.bench.presets import Preset
 from unetdist.bench.timing import GIB, SavedTensorBytes, free_memory, state_bytes, sync
-from unetdist.dist.checkpointing import POLICIES, apply_activation_checkpointing
+from unetdist.parallel.checkpointing import POLICIES, apply_activation_checkpointing
 from unetdist.model import UNet
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from unetdist.bench.peak import peak_flops
+from unetdist.model.peak import peak_flops
 from unetdist.bench.timing import StepTimes
 from unetdist.model.flops import train_step_flops
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from unetdist.bench.data import BenchData, bench_config, first_batch, prepare_data
-from unetdist.bench.peak import measured_matmul_flops, peak_flops_with_source
+from unetdist.model.peak import measured_matmul_flops, peak_flops_with_source
 from unetdist.bench.presets import Preset, resolve_device, resolve_preset
 from unetdist.bench.report import SCHEMA, SECTIONS, check_report, machine_info, write_report
 from unetdist.model.flops import forward_flops_per_pixel

@@ -30,7 +30,7 @@ from torch import nn
 from unetdist.bench.data import Lever, bench_config, build_our_trainer, our_batches, prepare_data, single_env
 from unetdist.bench.presets import Preset, resolve_device, resolve_preset
 from unetdist.bench.report import machine_info, write_report
-from unetdist.dist.checkpointing import apply_activation_checkpointing
+from unetdist.parallel.checkpointing import apply_activation_checkpointing
 from unetdist.model import UNet
 
 log = logging.getLogger(__name__)

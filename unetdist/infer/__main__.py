@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unetdist.dist.env import DistEnv, barrier, destroy_distributed, init_distributed
+from unetdist.parallel.collectives import barrier
+from unetdist.parallel.env import DistEnv, destroy_distributed, init_distributed
 
 
 if TYPE_CHECKING:
@@ -93,10 +94,18 @@ def _print(metrics: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """torchrun needs a module to start; this one is the `unetdist` command line itself."""
-    from unetdist.cli import main as cli_main
+    """torchrun needs a module to start: `predict` and `evaluate` with the arguments `unetdist` gives them."""
+    from unetdist.config import ConfigError
+    from unetdist.infer.commands import register
 
-    return cli_main(argv)
+    parser = argparse.ArgumentParser(prog="python -m unetdist.infer", description=__doc__)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"unetdist {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from unetdist.data.manifest import IntensityStats
-from unetdist.dist.env import DistEnv, barrier, broadcast_object
+from unetdist.parallel.collectives import barrier, broadcast_object, recv, send
+from unetdist.parallel.env import DistEnv
 from unetdist.infer.instances import label_instances
 from unetdist.infer.io import (FrameLayout, OutputPaths, OutputWriter, expand_inputs, output_paths, probe_layout,
                                read_frames)
@@ -198,7 +198,7 @@ def _predict_shared(ctx: Context, shared: SharedFile, file: InputFile) -> list[P
 
 def _send_band(band: Band, owner: int, env: DistEnv) -> None:
     for tensor in (band.acc, band.weight):
-        dist.send(tensor.to(env.device), owner)
+        send(tensor.to(env.device), owner)
 
 
 def _recv_band(rows: tuple[int, int], width: int, src: int, ctx: Context) -> Band:
@@ -207,7 +207,7 @@ def _recv_band(rows: tuple[int, int], width: int, src: int, ctx: Context) -> Ban
     acc = torch.empty(ctx.predictor.num_classes, y1 - y0, width, device=device)
     weight = torch.empty(y1 - y0, width, device=device)
     for tensor in (acc, weight):
-        dist.recv(tensor, src)
+        recv(tensor, src)
     return Band(y0, y1, acc.cpu(), weight.cpu())
 
 

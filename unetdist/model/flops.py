@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
+from unetdist.model.stages import select_stages
+
 
 class ConvLayer(NamedTuple):
     """One (transposed) convolution of the UNet, as the FLOP count sees it.
@@ -171,9 +173,6 @@ def train_step_flops(
     sizes = level_sizes(height, width, depth)
     layers = conv_layers(in_channels, num_classes, base_width, depth, bilinear)
     if recomputed_stages is None:
-        # Imported here: the model package does not depend on unetdist.dist at import time.
-        from unetdist.dist.checkpointing import select_stages
-
         recomputed_stages = select_stages([(s, None, lvl) for s, lvl in stage_levels(depth)], policy)
     total = 0
     for index, layer in enumerate(layers):

@@ -2,7 +2,7 @@
 
 Why this module exists: it is the one model definition every trainer, benchmark and checkpoint
 uses. It is a pure ``nn.Module``: distribution, mixed precision, SyncBatchNorm and activation
-checkpointing are applied from outside (``unetdist.dist``), so this file never changes for them.
+checkpointing are applied from outside (``unetdist.parallel``), so this file never changes for them.
 
 Compared with the reference it adds ``depth`` (the reference is ``depth=4``), ``base_width``
 (64 there) and ``norm``; with the defaults the parameters and their shapes are those of the

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from unetdist.config import ConfigError, load_config
-from unetdist.dist.env import destroy_distributed, init_distributed, launch_world_size
+from unetdist.parallel.env import destroy_distributed, init_distributed, launch_world_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def train_main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.parallel.backend == "deepspeed":  # validate the generated DeepSpeed config before any group work
-            from unetdist.dist.deepspeed_config import deepspeed_config
+            from unetdist.parallel.deepspeed_config import deepspeed_config
 
             deepspeed_config(cfg, launch_world_size())
     except ConfigError as exc:

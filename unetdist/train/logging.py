@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetdist.dist.env import DistEnv, all_reduce_max, all_reduce_mean
+from unetdist.parallel.collectives import all_reduce_max, all_reduce_mean
+from unetdist.parallel.env import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class IntervalStats:
     def prepare(self, amp_dtype: torch.dtype | None) -> None:
         """Measure the device peak (on CPU a ~0.3 s matmul) now, not inside the first timed interval."""
         if self.env.is_main:
-            from unetdist.bench.peak import peak_flops
+            from unetdist.model.peak import peak_flops
 
             peak_flops(self.env.device, amp_dtype or torch.float32)
 
@@ -165,7 +166,7 @@ class IntervalStats:
 def model_flops_utilisation(images_per_s_per_device: float, flops_per_image: int, device: torch.device,
                             amp_dtype: torch.dtype | None) -> float:
     """Achieved model FLOP/s (analytic count, recomputation included) over the device's peak."""
-    from unetdist.bench.peak import peak_flops
+    from unetdist.model.peak import peak_flops
 
     return images_per_s_per_device * flops_per_image / peak_flops(device, amp_dtype or torch.float32)
 

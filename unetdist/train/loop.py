@@ -17,7 +17,8 @@ import yaml
 from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
-from unetdist.dist.env import DistEnv, barrier, broadcast_object
+from unetdist.parallel.collectives import barrier, broadcast_object
+from unetdist.parallel.env import DistEnv
 from unetdist.model.flops import train_step_flops_for
 from unetdist.train.checkpoint import resolve_resume
 from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png

@@ -8,8 +8,10 @@ per-rank Dice scores would weight ranks, not pixels).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from unetdist.parallel.collectives import all_reduce_sum_
+from unetdist.parallel.env import DistEnv
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -72,11 +74,9 @@ class ConfusionCounter:
         self.loss_sum += loss_sum.detach().to(torch.float64)
         self.samples += target.shape[0]
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, env: DistEnv) -> None:
         """Sum the counts over ranks; one collective per tensor, after the loop, so uneven ranks cannot deadlock."""
-        if dist.is_available() and dist.is_initialized():
-            for tensor in (self.counts, self.loss_sum, self.samples, self.skipped):
-                dist.all_reduce(tensor)
+        all_reduce_sum_(env, self.counts, self.loss_sum, self.samples, self.skipped)
 
     def summary(self) -> dict[str, float]:
         tp, fp, fn = self.counts

@@ -11,10 +11,8 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
-from unetdist.dist.env import DistEnv
+from unetdist.parallel.collectives import any_rank
+from unetdist.parallel.env import DistEnv
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped cleanly with a checkpoint; run again (requeue) to continue
 
@@ -39,11 +37,7 @@ class StopSignal:
 
     def agreed(self, env: DistEnv) -> bool:
         """True on every rank once any rank has received the signal."""
-        if not env.distributed:
-            return self.received
-        flag = torch.tensor([1.0 if self.received else 0.0], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(env, self.received)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

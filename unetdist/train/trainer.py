@@ -2,7 +2,7 @@
 
 Building is separate from running (`build_trainer`), and the trainer knows nothing of data
 streams, logging or files: the run loop in `loop.py` feeds it batches, and the backend engine
-(`engine.TorchEngine` for DDP, `unetdist.dist.deepspeed.DeepSpeedEngine`) does the
+(`engine.TorchEngine` for DDP, `unetdist.train.engine_deepspeed.DeepSpeedEngine`) does the
 backend-specific work behind one interface, so there is one training loop for both.
 """
 
@@ -17,13 +17,13 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from unetdist.config import Config, to_dict
-from unetdist.dist.env import DistEnv
+from unetdist.parallel.collectives import all_gather_object, broadcast_
+from unetdist.parallel.env import DistEnv
 from unetdist.model import UNet
-from unetdist.train.engine import Engine, TorchEngine
+from unetdist.train.engine_ddp import Engine, TorchEngine
 from unetdist.train.metrics import ConfusionCounter, segmentation_loss
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ class Trainer:
         """
         module = self.engine.eval_module()
         module.eval()
-        if self.env.distributed:  # rank 0's BatchNorm statistics everywhere, as checkpoints hold them
-            for buffer in module.buffers():
-                dist.broadcast(buffer, 0)
+        broadcast_(self.env, module.buffers())  # rank 0's BatchNorm statistics everywhere, as checkpoints hold them
         counter = ConfusionCounter(self.cfg.model.num_classes, self.env.device)
         kept: list[torch.Tensor] = []
         for batch in batches:
@@ -115,17 +113,13 @@ class Trainer:
                 for i in range(min(keep - len(kept), len(label))):
                     kept.append(torch.stack([image[i, 0].float(), label[i].float(), pred[i].float()]).cpu())
         module.train()
-        counter.all_reduce()
+        counter.all_reduce(self.env)
         return counter.summary(), kept
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         """Collective: every rank contributes its RNG state; the engine writes its checkpoint format."""
         rng = _rng_state(self.env.device)
-        if self.env.distributed:
-            gathered: list[Any] = [None] * self.env.world_size
-            dist.all_gather_object(gathered, rng)
-        else:
-            gathered = [rng]
+        gathered = all_gather_object(self.env, rng)
         client_state = {
             "step": self.step,
             "world_size": self.env.world_size,
@@ -149,7 +143,7 @@ class Trainer:
 
 def build_engine(cfg: Config, env: DistEnv, model: nn.Module) -> Engine:
     if cfg.parallel.backend == "deepspeed":
-        from unetdist.dist.deepspeed import DeepSpeedEngine
+        from unetdist.train.engine_deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, env, model)
     return TorchEngine(cfg, env, model)

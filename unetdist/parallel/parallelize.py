@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unetdist.config import ParallelConfig, TrainConfig
-from unetdist.dist.checkpointing import apply_activation_checkpointing
-from unetdist.dist.env import DistEnv
+from unetdist.parallel.checkpointing import apply_activation_checkpointing
+from unetdist.parallel.env import DistEnv
 
 
 def prepare_module(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, env: DistEnv) -> nn.Module:

@@ -1,7 +1,7 @@
 """Run a function in N real gloo processes on loopback (the accelerate `debug_launcher` pattern).
 
 The children get torchrun's variables, so the code under test joins the group exactly as it
-would under torchrun, through `unetdist.dist.env.init_distributed`.
+would under torchrun, through `unetdist.parallel.env.init_distributed`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One training loop serves every backend: an engine owns the wrapped model, the optimizer, the
 LR schedule and loss scaling, and knows how to save and load its own checkpoints. The
-DeepSpeed engine (`unetdist.dist.deepspeed`) implements the same interface.
+DeepSpeed engine (`unetdist.train.engine_deepspeed`) implements the same interface.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from unetdist.config import Config
-from unetdist.dist.env import DistEnv
-from unetdist.dist.parallelize import prepare_module, unwrap, wrap_ddp
+from unetdist.parallel.env import DistEnv
+from unetdist.parallel.parallelize import prepare_module, unwrap, wrap_ddp
+from unetdist.parallel.precision import resolve_precision
 from unetdist.train.checkpoint import load_checkpoint, save_checkpoint
 from unetdist.train.optim import build_optimizer, build_scheduler
 
@@ -40,19 +41,6 @@ class Engine(Protocol):
     def eval_module(self) -> nn.Module: ...
     def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None: ...
     def load(self, path: Path) -> dict[str, Any]: ...
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on this device (None: fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 class TorchEngine:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist.spawn import spawn
+from tests.multiproc.spawn import spawn
 from unetdist.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def _losses(trainer, batches) -> list[float]:
 
 
 def _zero_worker(out: str, stage: int, ckpt_dir: str) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
     from unetdist.train.trainer import build_trainer
 
     env = init_distributed()
@@ -71,7 +71,7 @@ ACCUM = ["model.norm=group", "train.optimizer=sgd", "train.momentum=0.9", "train
 
 
 def _accum_worker(out: str, backend_overrides: list[str]) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
     from unetdist.train.trainer import build_trainer
 
     env = init_distributed()
@@ -101,7 +101,7 @@ def test_two_micro_steps_equal_one_step_of_twice_the_batch(tmp_path: Path, backe
 
 
 def _bf16_worker(out: str) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
     from unetdist.train.trainer import build_trainer
 
     env = init_distributed()
@@ -123,7 +123,8 @@ def test_bf16_learns_on_cpu(tmp_path: Path) -> None:
 
 
 def _export_worker(out: str, ckpt_dir: str, model_file: str) -> None:
-    from unetdist.dist.env import barrier, destroy_distributed, init_distributed
+    from unetdist.parallel.collectives import barrier
+    from unetdist.parallel.env import destroy_distributed, init_distributed
     from unetdist.train.export import export_model
     from unetdist.train.trainer import build_trainer
 
@@ -161,7 +162,7 @@ def test_zero3_export_loads_into_plain_unet_with_same_predictions(tmp_path: Path
 
 
 def _checkpointing_worker(out: str) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
     from unetdist.train.trainer import build_trainer
 
     env = init_distributed()

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from unetdist.config import Config
-from unetdist.dist.deepspeed_config import deepspeed_config
-from unetdist.dist.env import DistEnv, barrier
-from unetdist.dist.parallelize import prepare_module
+from unetdist.parallel.deepspeed_config import deepspeed_config
+from unetdist.parallel.collectives import barrier
+from unetdist.parallel.env import DistEnv
+from unetdist.parallel.parallelize import prepare_module
+from unetdist.parallel.precision import resolve_precision
 from unetdist.model import UNet
 from unetdist.train.checkpoint import commit, prune, remove_stale
-from unetdist.train.engine import resolve_precision
 from unetdist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import pytest
 import tifffile
 import torch
 
-from tests.dist.spawn import spawn
-from unetdist.dist.env import DistEnv
+from tests.multiproc.spawn import spawn
+from unetdist.parallel.env import DistEnv
 from unetdist.infer.model_file import model_file_state
 from unetdist.infer.predict import PredictOptions
 from unetdist.infer.run import OutputOptions, predict_files
@@ -43,7 +43,7 @@ def _inputs(root: Path) -> dict[str, list[str]]:
 
 
 def _worker(model: str, root: str) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
 
     env = init_distributed()
     try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -30,34 +30,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from unetdist.model.stages import POLICIES, select_stages
+
 if TYPE_CHECKING:
     from unetdist.model.unet import Stage, UNet
 
-# Policy -> highest resolution level checkpointed (level 0 = full resolution, 1 = half, ...).
-# Activation memory per level falls about 2x per level down (4x fewer pixels, 2x more channels),
-# so levels 0 and 1 hold about three quarters of it; "highres" pays recomputation only there
-# (default model, 256x256, batch 2: it keeps 38% of the saved bytes for +15% step FLOPs, "all"
-# keeps 19% for +33%).
-POLICY_MAX_LEVEL: dict[str, int | None] = {"none": -1, "highres": 1, "all": None}
-POLICIES: tuple[str, ...] = tuple(POLICY_MAX_LEVEL)
-
-
-def select_stages(stages: Sequence[tuple[str, Any, int]], policy: str) -> list[str]:
-    """Names of the stages a policy checkpoints.
-
-    Args:
-        stages: ``(name, module, level)`` triples, as ``UNet.stages()`` returns them.
-        policy: ``none``, ``highres`` (levels 0 and 1) or ``all`` (every stage).
-
-    Raises:
-        ValueError: for an unknown policy, naming it and the valid ones.
-    """
-    if policy not in POLICY_MAX_LEVEL:
-        raise ValueError(
-            f"unknown activation checkpointing policy {policy!r}; valid policies: {', '.join(POLICIES)}"
-        )
-    max_level = POLICY_MAX_LEVEL[policy]
-    return [name for name, _, level in stages if max_level is None or level <= max_level]
+__all__ = ["POLICIES", "apply_activation_checkpointing", "select_stages"]
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tests.dist.spawn import spawn
+from tests.multiproc.spawn import spawn
 from unetdist.config import load_config
 
 STEPS, PER_RANK = 3, 2
@@ -23,7 +23,7 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 
 def _train(out_path: str, overrides: list[str]) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
     from unetdist.train.trainer import build_trainer
 
     cfg = load_config(None, overrides)

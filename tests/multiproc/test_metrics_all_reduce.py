@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.dist.spawn import spawn
+from tests.multiproc.spawn import spawn
 from unetdist.train.metrics import ConfusionCounter
 
 
@@ -22,7 +22,7 @@ SPLIT = {0: slice(0, 1), 1: slice(1, 5)}  # uneven on purpose: a mean of per-ran
 
 
 def _worker(out: str) -> None:
-    from unetdist.dist.env import destroy_distributed, init_distributed
+    from unetdist.parallel.env import destroy_distributed, init_distributed
 
     env = init_distributed()
     try:
@@ -31,7 +31,7 @@ def _worker(out: str) -> None:
         part = SPLIT[env.rank]
         counter.update(logits[part], target[part], torch.tensor(float(len(target[part]))))
         local = counter.summary()
-        counter.all_reduce()
+        counter.all_reduce(env)
         if env.is_main:
             Path(out).write_text(json.dumps({"global": counter.summary(), "local0": local}))
         else:

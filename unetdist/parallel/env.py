@@ -89,36 +89,3 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
-
-def broadcast_object(env: DistEnv, obj: object) -> object:
-    """Rank 0's `obj` on every rank, so decisions made from the file system agree everywhere."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_reduce_mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a copy; the input is left as it was)."""
-    out = value.detach().clone()
-    if env.distributed:
-        dist.all_reduce(out)
-        out /= env.world_size
-    return out
-
-
-def all_reduce_max(env: DistEnv, value: float) -> float:
-    """The largest of each rank's `value` (e.g. peak memory: the rank closest to running out)."""
-    if not env.distributed:
-        return value
-    out = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return float(out.item())
