@@ -65,6 +65,14 @@ class ImageSource:
         return dict(zip(self.axes, self.shape))
 
 
+class AxesError(DataError):
+    """A file whose axes metadata does not map onto T, C, Z, Y, X (its array `shape` is kept)."""
+
+    def __init__(self, message: str, shape: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
 class AxesView:
     """A lazy view of an array with its axes reordered (and size-1 axes dropped).
 
@@ -147,8 +155,8 @@ def _map_native(path: Path, native: str, shape: tuple[int, ...]) -> str:
             letters.append("T" if size > 1 else "-")
     storage = "".join(letters)
     if any(storage.count(a) > 1 for a in AXES) or storage.count("Y") != 1 or storage.count("X") != 1:
-        raise DataError(f"{path}: file axes {native!r} (shape {shape}) do not map onto T, C, Z, Y, X "
-                        "unambiguously; give the storage order with --axes, e.g. --axes TZCYX")
+        raise AxesError(f"{path}: file axes {native!r} (shape {shape}) do not map onto T, C, Z, Y, X "
+                        "unambiguously; give the storage order with --axes, e.g. --axes TZCYX", shape)
     return storage
 
 
