@@ -3,8 +3,9 @@
 Writes synthetic tiled uint16 OME-TIFFs (5,000 x 5,000 and 20,000 x 20,000 by default, 50 MB and
 800 MB raw; written tile by tile, never whole in memory) with instance-free class labels, then runs
 the real `unetdist shard` command on each in a fresh process and samples the resident memory of
-that process and its workers (summed over the process tree, from /proc) while it runs. Reported
-per size: peak RSS (tree and largest single process), wall time, megapixels/s, tiles written.
+that process and its workers while it runs (summed over the process tree as proportional set size
+from /proc, so pages a forked worker shares with its parent count once). Reported per size: that
+peak, the largest single process's peak RSS, wall time, megapixels/s, tiles written.
 
 Goals (from the issue on whole-slide inputs): peak RSS under 1.5 GB, and growing by less than 25%
 from the 5k image to the 20k one (memory bounded by the band being tiled, not by the image).
@@ -41,7 +42,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `unetdist bench shard`."""
     parser.add_argument("--sizes", default="5000,20000", help="comma-separated image heights = widths in pixels")
     parser.add_argument("--tile", type=int, default=256, help="shard tile size")
-    parser.add_argument("--workers", type=int, default=0, help="`shard --workers` (0: one per core for big inputs)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="`shard --workers` (the same for every size, so that memory is compared like for like)")
     parser.add_argument("--region-pixels", type=int, default=None, help="`shard --region-pixels` (default: config)")
     parser.add_argument("--out", default="runs/bench/shard", help="folder for bench-shard.json")
     parser.add_argument("--data-dir", help="where the synthetic OME-TIFFs and shards go (default: a temp folder, "
@@ -80,42 +82,53 @@ def write_slide(path: Path, size: int, seed: int, labels: bool) -> None:
                      metadata={"axes": "YX", "PhysicalSizeX": 0.325, "PhysicalSizeY": 0.325})
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc)."""
-    total, todo = 0, [pid]
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(bytes held by a process and all its descendants, largest single process's RSS), from Linux /proc.
+
+    The proportional set size (PSS) of each process is summed: forked workers share the parent's
+    pages, which plain RSS would count once per process. Falls back to RSS where PSS is missing.
+    """
+    total, largest, todo = 0, 0, [pid]
     while todo:
         current = todo.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            total += _proc_kb(current, "smaps_rollup", "Pss:") or _proc_kb(current, "status", "VmRSS:")
+            largest = max(largest, _proc_kb(current, "status", "VmRSS:"))
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except (OSError, ValueError):
             continue
         todo += [int(c) for c in children]
-    return total
+    return total * 1024, largest * 1024
+
+
+def _proc_kb(pid: int, name: str, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def run_shard(list_file: Path, out: Path, tile: int, workers: int, region_pixels: int | None) -> dict[str, Any]:
-    """`unetdist shard` in a fresh process, its tree's RSS sampled every 50 ms."""
-    import resource
-
+    """`unetdist shard` in a fresh process, its tree's memory sampled every 50 ms."""
     command = [sys.executable, "-c", "import sys; from unetdist.cli import main; sys.exit(main())", "shard",
                "--list", str(list_file), "--out", str(out), "--tile", str(tile), "--workers", str(workers)]
     if region_pixels:
         command += ["--region-pixels", str(region_pixels)]
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = largest = 0
     while child.poll() is None:
-        peak = max(peak, _tree_rss(child.pid))
+        tree, single = _tree_memory(child.pid)
+        peak, largest = max(peak, tree), max(largest, single)
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     stdout, stderr = child.communicate()
     if child.returncode:
         raise RuntimeError(f"unetdist shard failed ({child.returncode}): {stderr.strip()[-2000:]}")
-    max_single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_rss_tree_bytes": peak, "peak_rss_largest_process_bytes": max_single,
+    return {"seconds": seconds, "peak_tree_bytes": peak, "peak_rss_largest_process_bytes": largest,
             "output": stdout.strip()}
 
 
@@ -142,23 +155,23 @@ def bench_size(folder: Path, size: int, args: argparse.Namespace) -> dict[str, A
     megapixels = size * size / 1e6
     row = {"size": size, "megapixels": megapixels, "raw_mb": size * size * 2 / 1e6,
            "write_tiff_s": written, "shard_s": result["seconds"], "megapixels_per_s": megapixels / result["seconds"],
-           "peak_rss_gb": result["peak_rss_tree_bytes"] / 1e9,
+           "peak_memory_gb": result["peak_tree_bytes"] / 1e9,
            "peak_rss_largest_process_gb": result["peak_rss_largest_process_bytes"] / 1e9,
            "train_tiles": manifest["train"]["samples"], "load_average": list(os.getloadavg())}
-    log.info("shard %d x %d: %.1f s, %.2f MP/s, peak RSS %.2f GB", size, size, row["shard_s"],
-             row["megapixels_per_s"], row["peak_rss_gb"])
+    log.info("shard %d x %d: %.1f s, %.2f MP/s, peak memory %.2f GB", size, size, row["shard_s"],
+             row["megapixels_per_s"], row["peak_memory_gb"])
     return row
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'size':>7} {'MP':>7} {'shard s':>8} {'MP/s':>7} {'peak RSS GB':>12} {'largest proc GB':>16} "
+    lines = [f"{'size':>7} {'MP':>7} {'shard s':>8} {'MP/s':>7} {'peak mem GB':>12} {'largest proc GB':>16} "
              f"{'tiles':>7} {'load':>6}"]
     for r in report["rows"]:
         lines.append(f"{r['size']:>7} {r['megapixels']:>7.0f} {r['shard_s']:>8.1f} {r['megapixels_per_s']:>7.2f} "
-                     f"{r['peak_rss_gb']:>12.3f} {r['peak_rss_largest_process_gb']:>16.3f} {r['train_tiles']:>7} "
+                     f"{r['peak_memory_gb']:>12.3f} {r['peak_rss_largest_process_gb']:>16.3f} {r['train_tiles']:>7} "
                      f"{r['load_average'][0]:>6.1f}")
     goals = report["goals"]
-    lines.append(f"peak RSS < {GOAL_RSS_GB} GB: {'yes' if goals['rss_under_goal'] else 'NO'}; growth smallest -> "
+    lines.append(f"peak memory < {GOAL_RSS_GB} GB: {'yes' if goals['rss_under_goal'] else 'NO'}; growth smallest -> "
                  f"largest {goals['rss_growth']:+.1%} (< {GOAL_GROWTH:.0%}: {'yes' if goals['growth_under_goal'] else 'NO'})")
     return "\n".join(lines)
 
@@ -177,7 +190,7 @@ def run_shard_bench(args: argparse.Namespace) -> int:
     finally:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
-    peaks = [r["peak_rss_gb"] for r in rows]
+    peaks = [r["peak_memory_gb"] for r in rows]
     growth = peaks[-1] / peaks[0] - 1 if len(peaks) > 1 else 0.0
     report = {"schema": SCHEMA, "machine": machine_info(torch.device("cpu")),
               "settings": {"tile": args.tile, "workers": args.workers, "region_pixels": args.region_pixels,

@@ -137,8 +137,9 @@ def resolve_axes(path: Path, native: str | None, shape: tuple[int, ...], setting
     else:
         raise DataError(f"{path}: a {len(shape)}-D array (shape {shape}) needs explicit axes, e.g. --axes TCYX")
     if len(storage) != len(shape):
+        example = "TCZYX"[max(0, 5 - len(shape)) :]
         raise DataError(f"{path}: axes {storage!r} do not fit an array of shape {shape}; "
-                        f"give one letter per dimension, e.g. --axes {'TCZYX'[5 - len(shape):] if len(shape) <= 5 else 'TCZYX'}")
+                        f"give one letter per dimension in storage order, e.g. --axes {example}")
     presented = "".join(a for a in storage if a not in "YX" and a in AXES) + "YX"
     return storage, presented
 
@@ -195,11 +196,14 @@ def open_image(path: str | Path, axes: str = "auto") -> ImageSource:
 def _source(path: Path, native: str | None, levels: list[Any], setting: str,
             pixel_size: dict[str, tuple[float, str]], closer: Callable[[], None] = lambda: None) -> ImageSource:
     shape = tuple(int(n) for n in levels[0].shape)
-    storage, presented = resolve_axes(path, native, shape, setting)
     dtype = np.dtype(levels[0].dtype)
-    if dtype.kind not in "uifb":
+    try:
+        storage, presented = resolve_axes(path, native, shape, setting)
+        if dtype.kind not in "uifb":
+            raise DataError(f"{path}: pixel type {dtype} is not a number type")
+    except DataError:
         closer()
-        raise DataError(f"{path}: pixel type {dtype} is not a number type")
+        raise
     views = []
     for level in levels:
         if len(level.shape) != len(storage):
