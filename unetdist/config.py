@@ -71,6 +71,7 @@ class ShardConfig:
     class_balance: bool = True  # weight map: w_c(x) = 1 / (K x frequency of the class of x); false: 1
     workers: int = 0  # processes reading and tiling images (0: one per CPU core for inputs over 64 MB, else 1)
     region_pixels: int = 16_777_216  # images are read and tiled in bands of about this many pixels (bounds memory)
+    skip_background: str = "off"  # off, bright or dark: drop train tiles a low-res view shows as background
 
 
 @dataclass
@@ -254,6 +255,8 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
         (shard.w0 >= 0 and shard.sigma > 0, "data.shard.w0 must be >= 0 and data.shard.sigma > 0"),
         (shard.workers >= 0, "data.shard.workers must be >= 0 (0: automatic)"),
         (shard.region_pixels >= 65536, "data.shard.region_pixels must be >= 65536 (pixels read at once per band)"),
+        (shard.skip_background in ("off", "bright", "dark"),
+         "data.shard.skip_background must be off, bright (fluorescence) or dark (brightfield)"),
         (aug.crop == 0 or aug.crop >= 8, "data.augment.crop must be 0 (whole tiles) or >= 8"),
         *((0.0 <= getattr(aug, p) <= 1.0, f"data.augment.{p} must be a probability in [0, 1]") for p in probabilities),
         (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),

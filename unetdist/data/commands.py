@@ -24,7 +24,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
                        frame_block=args.frame_block, min_foreground=args.min_foreground, empty_keep=args.empty_keep,
                        weight_map=args.weight_map, w0=args.w0, sigma=args.sigma,
                        class_balance=not args.no_class_balance, workers=args.workers,
-                       region_pixels=args.region_pixels)
+                       region_pixels=args.region_pixels, skip_background=args.skip_background)
 
 
 def _report(manifest: dict, out: str) -> int:
@@ -93,6 +93,9 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per core for large inputs)")
     p.add_argument("--region-pixels", type=int, default=d.region_pixels,
                    help="images are read and tiled in bands of about this many pixels (bounds memory per process)")
+    p.add_argument("--skip-background", choices=["off", "bright", "dark"], default=d.skip_background,
+                   help="drop training tiles that a low-resolution view shows as background, without reading them "
+                        "(bright: objects brighter than the background, fluorescence; dark: brightfield)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -25,7 +25,8 @@ from unetdist.data.inputs import Pair
 from unetdist.data.labels import margin, to_classes, to_instances, weight_map
 from unetdist.data.readers import ImageSource
 from unetdist.data.regions import Layout
-from unetdist.data.tiling import Band, bands, iter_band_tiles, tile_starts
+from unetdist.data.foreground import foreground_mask
+from unetdist.data.tiling import Band, bands, iter_band_tiles, tile_grid, tile_starts
 
 SAMPLE_PIXELS = 65536  # per frame and channel, for percentiles of non-integer data
 
@@ -43,6 +44,7 @@ class PairSurvey:
     foreground: list[np.ndarray]  # per frame: foreground fraction of each tile (grid order, valid part)
     axes: str = ""
     pixel_size: dict[str, tuple[float, str]] = field(default_factory=dict)
+    background: list[np.ndarray] | None = None  # per frame: tiles a low-res view shows as background only
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,13 @@ class FrameTask:
     source: str
     keep: tuple[bool, ...] | None  # per tile of the band in grid order; None keeps all
     band: int = 0
+    background: bool = False  # the whole band is background: its image is not read at all
 
 
 @dataclass(frozen=True)
 class FrameResult:
     samples: list[tuple[str, dict[str, bytes]]]
-    summary: dict[str, Any]  # intensity histogram or pixel sample, per channel
+    summary: dict[str, Any] | None  # intensity histogram or pixel sample, per channel (None: image not read)
     class_pixels: np.ndarray
 
 
@@ -100,8 +103,19 @@ def survey_pair(pair: Pair, shard: ShardConfig, num_classes: int) -> PairSurvey:
             per_tile += [fg[y - band.top : y - band.top + shard.tile, x : x + shard.tile].mean()
                          for y in band.starts for x in xs]
         foreground.append(np.array(per_tile))
+    background = None
+    if shard.skip_background != "off":
+        background = [_background_tiles(image, t, layout, shard) for t in range(layout.frames)]
     return PairSurvey(layout.frames, layout.channels, layout.height, layout.width, layout.dtype, class_pixels,
-                      foreground, layout.axes, layout.pixel_size)
+                      foreground, layout.axes, layout.pixel_size, background)
+
+
+def _background_tiles(image: ImageSource, frame: int, layout: Layout, shard: ShardConfig) -> np.ndarray:
+    """Per tile (grid order): whether the frame's low-resolution foreground mask is empty there."""
+    mask = foreground_mask(image, frame, shard.skip_background)
+    tile = shard.tile
+    return np.array([not mask.covers(y, y + tile, x, x + tile)
+                     for y, x in tile_grid(layout.height, layout.width, tile, shard.overlap)])
 
 
 def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights: np.ndarray | None,
@@ -111,9 +125,13 @@ def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights
     image_src, layout, label_src, label_lay = _open(pair, shard.axes)
     height, width = layout.height, layout.width
     band = frame_bands(height, width, shard, sample_halo(shard))[task.band]
-    image = regions.read_rows(image_src, layout, task.frame, band.top, band.bottom)
     raw = regions.read_rows(label_src, label_lay, task.frame, band.top, band.bottom)
     classes = to_classes(raw, pair.label, shard.labels, num_classes)
+    own = slice(band.own_top - band.top, band.own_bottom - band.top)
+    counts = np.bincount(classes[own].ravel(), minlength=num_classes)[:num_classes]
+    if task.background:  # nothing to write and no intensities to count: the image is not read
+        return FrameResult([], None, counts)
+    image = regions.read_rows(image_src, layout, task.frame, band.top, band.bottom)
     weight = None
     if weights is not None:
         instances = to_instances(raw, classes, shard.labels, num_classes)
@@ -138,8 +156,6 @@ def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights
             meta["frame"] = task.frame
         members["json"] = json.dumps(meta, sort_keys=True).encode()
         samples.append((f"s{task.index:06d}{frame_tag}_y{tile.y:05d}_x{tile.x:05d}", members))
-    own = slice(band.own_top - band.top, band.own_bottom - band.top)
-    counts = np.bincount(classes[own].ravel(), minlength=num_classes)[:num_classes]
     share = max(1, round(SAMPLE_PIXELS * (band.own_bottom - band.own_top) / height))
     summary = intensity_summary(image[:, own], (seed, task.index, task.frame, task.band), share)
     return FrameResult(samples, summary, counts)

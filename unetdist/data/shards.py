@@ -119,19 +119,30 @@ def _tasks(split: str, units: list[Unit], pairs: list[Pair], surveys: list[PairS
         columns = len(tile_starts(survey.width, shard.tile, shard.overlap))
         frame_bands_ = frame_bands(survey.height, survey.width, shard)
         for t in frames:
-            keep_all = None
-            if split == "train" and shard.min_foreground > 0:
-                fg = survey.foreground[t]
-                draws = np.random.default_rng(np.random.SeedSequence([shard.seed, index, t, 0xE5])).random(fg.size)
-                keep_all = tuple(bool(k) for k in (fg >= shard.min_foreground) | (draws < shard.empty_keep))
+            keep_all = _train_keep(survey, index, t, shard) if split == "train" else None
             first = 0
             for number, band in enumerate(frame_bands_):
                 count = len(band.starts) * columns
                 keep = None if keep_all is None else keep_all[first : first + count]
+                background = survey.background is not None and split == "train" and bool(
+                    survey.background[t][first : first + count].all())
                 first += count
                 tasks.append(FrameTask(index=index, pair=pairs[index], frame=t, frames=survey.frames, split=split,
-                                       source=_source_name(pairs[index].image, out_dir), keep=keep, band=number))
+                                       source=_source_name(pairs[index].image, out_dir), keep=keep, band=number,
+                                       background=background))
     return tasks
+
+
+def _train_keep(survey: PairSurvey, index: int, frame: int, shard: ShardConfig) -> tuple[bool, ...] | None:
+    """Per tile of a training frame: kept unless empty (by labels, then seeded draws) or background."""
+    keep = None
+    if shard.min_foreground > 0:
+        fg = survey.foreground[frame]
+        draws = np.random.default_rng(np.random.SeedSequence([shard.seed, index, frame, 0xE5])).random(fg.size)
+        keep = (fg >= shard.min_foreground) | (draws < shard.empty_keep)
+    if survey.background is not None:
+        keep = ~survey.background[frame] if keep is None else keep & ~survey.background[frame]
+    return None if keep is None else tuple(bool(k) for k in keep)
 
 
 def _source_name(path: Path, out_dir: Path) -> str:
@@ -266,7 +277,7 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
     order = [(s, t) for s in ("train", "val") for t in tasks[s]]
     try:
         for (split, task), result in zip(order, results, strict=True):
-            if split == "train":
+            if split == "train" and result.summary is not None:
                 stats.add_summary(result.summary)
             pixels[split] += result.class_pixels
             for key, members in result.samples:
