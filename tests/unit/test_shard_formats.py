@@ -108,7 +108,8 @@ def test_ome_zarr_and_tiff_shard_like_in_memory_arrays(tmp_path, version):
                     scale={"c": 1.0, "y": 0.5, "x": 0.5}, axes_units={"y": "micrometer", "x": "micrometer"})
         tifffile.imwrite(tmp_path / f"img{i}.tif", image, tile=(32, 32), compression="zstd", metadata={"axes": "CYX"})
         for kind in pairs:
-            pairs[kind].append((tmp_path / f"img{i}.{'ome.zarr' if kind == 'zarr' else kind}", tmp_path / f"lbl{i}.npy"))
+            suffix = "ome.zarr" if kind == "zarr" else kind
+            pairs[kind].append((tmp_path / f"img{i}.{suffix}", tmp_path / f"lbl{i}.npy"))
     cfg = replace(CFG, labels="instances", region_pixels=65536)
     out = {kind: write_shards(p, tmp_path / kind, cfg, num_classes=2) for kind, p in pairs.items()}
     assert out["zarr"]["pixel_size"] == {"Y": [0.5, "micrometer"], "X": [0.5, "micrometer"]}

@@ -171,8 +171,9 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{r['peak_memory_gb']:>12.3f} {r['peak_rss_largest_process_gb']:>16.3f} {r['train_tiles']:>7} "
                      f"{r['load_average'][0]:>6.1f}")
     goals = report["goals"]
-    lines.append(f"peak memory < {GOAL_RSS_GB} GB: {'yes' if goals['rss_under_goal'] else 'NO'}; growth smallest -> "
-                 f"largest {goals['rss_growth']:+.1%} (< {GOAL_GROWTH:.0%}: {'yes' if goals['growth_under_goal'] else 'NO'})")
+    under, grows = ("yes" if goals[k] else "NO" for k in ("rss_under_goal", "growth_under_goal"))
+    lines.append(f"peak memory < {GOAL_RSS_GB} GB: {under}; growth smallest -> largest {goals['rss_growth']:+.1%} "
+                 f"(< {GOAL_GROWTH:.0%}: {grows})")
     return "\n".join(lines)
 
 

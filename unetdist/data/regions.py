@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +40,33 @@ class Layout:
         return math.prod(self.frame_shape)
 
 
-@lru_cache(maxsize=4)
-def _cached(path: Path, axes: str, mtime: float) -> ImageSource:
-    return open_image(path, axes)
+_OPEN: dict[tuple[Path, str, int, int], ImageSource] = {}  # files kept open between bands, oldest first
+KEEP_OPEN = 4
 
 
 def source(path: Path, axes: str = "auto") -> ImageSource:
     """The opened file, kept open for the next band (re-opened when the file changed)."""
     try:
-        mtime = path.stat().st_mtime
+        stat = path.stat()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return _cached(path, axes, mtime)
+    key = (path, axes, stat.st_mtime_ns, stat.st_size)
+    if key not in _OPEN:
+        opened = open_image(path, axes)
+        while len(_OPEN) >= KEEP_OPEN:
+            _OPEN.pop(next(iter(_OPEN))).close()
+        _OPEN[key] = opened
+    return _OPEN[key]
+
+
+def close_all() -> None:
+    """Close the files kept open.
+
+    Also run first thing in forked worker processes: a file offset shared with the parent (or a
+    sibling) must never be moved by two processes at once.
+    """
+    while _OPEN:
+        _OPEN.popitem()[1].close()
 
 
 def label_source(path: Path) -> ImageSource:

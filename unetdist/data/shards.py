@@ -37,6 +37,7 @@ import numpy as np
 
 from unetdist.config import ShardConfig
 from unetdist.data.errors import DataError
+from unetdist.data import regions
 from unetdist.data.inputs import Pair, as_pairs, load_array, read_pairs
 from unetdist.data.labels import class_weights
 from unetdist.data.manifest import FORMAT
@@ -168,12 +169,21 @@ def _mapper(workers: int) -> Iterator[Callable[[Iterable[tuple]], Iterator[Any]]
         yield lambda jobs: map(_call, jobs)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers)
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=regions.close_all)
     try:
         yield lambda jobs: pool.imap(_call, jobs)
     finally:
         pool.terminate()
         pool.join()
+
+
+@contextlib.contextmanager
+def _closing_images() -> Iterator[None]:
+    """Close the image files kept open while sharding, however it ends."""
+    try:
+        yield
+    finally:
+        regions.close_all()
 
 
 def _workers(shard: ShardConfig, pairs: list[Pair]) -> int:
@@ -204,7 +214,7 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
     if not 2 <= num_classes <= 256:
         raise DataError(f"num_classes must be in [2, 256] (labels are stored as uint8), got {num_classes}")
     out_dir = Path(out_dir)
-    with _mapper(_workers(shard, pairs)) as mapper:
+    with _mapper(_workers(shard, pairs)) as mapper, _closing_images():
         surveys = list(mapper((survey_pair, p, shard, num_classes) for p in pairs))
         _check_layout(pairs, surveys)
         units = assign_units(pairs, surveys, shard)

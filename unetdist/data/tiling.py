@@ -133,8 +133,9 @@ class Band:
     """A run of tile rows cut from one read of image rows, so a large image is tiled in bounded memory.
 
     `starts` are the tile rows' y offsets; rows [top, bottom) are read (the tiles plus `halo` rows on
-    each side, for label conversion and weight maps near the cut, and enough rows for the padding); rows [own_top, own_bottom) are
-    this band's share of the image, so that counting them in every band counts each row once.
+    each side, for label conversion and weight maps near the cut, and enough rows for the padding);
+    rows [own_top, own_bottom) are this band's share of the image, so that counting them in every
+    band counts each row once.
     """
 
     starts: tuple[int, ...]
