@@ -55,6 +55,10 @@ def test_large_image_in_small_bands_equals_one_band_with_weight_maps(tmp_path):
     cfg = replace(CFG, labels="instances", weight_map=True, workers=1)
     whole = write_shards(pairs, tmp_path / "whole", cfg, num_classes=3)
     banded = write_shards(pairs, tmp_path / "banded", replace(cfg, region_pixels=65536), num_classes=3)
+    parallel = write_shards(pairs, tmp_path / "parallel", replace(cfg, region_pixels=65536, workers=2),
+                            num_classes=3)
+    for shard in banded["train"]["shards"] + banded["val"]["shards"]:  # bands tiled by 2 processes: same bytes
+        assert (tmp_path / "parallel" / shard["name"]).read_bytes() == (tmp_path / "banded" / shard["name"]).read_bytes()
     assert banded["stats"] == whole["stats"]  # exact histograms, band by band
     assert banded["train"]["class_pixels"] == whole["train"]["class_pixels"]
     a, b = _everything(tmp_path / "whole", whole), _everything(tmp_path / "banded", banded)
