@@ -134,3 +134,26 @@ def test_clear_errors(tmp_path):
         open_image(path)
     with pytest.raises(DataError, match="do not fit"):
         open_image(path, axes="CYX")
+
+
+def test_frame_view_reads_one_frame_lazily(tmp_path):
+    from unetdist.data import regions
+
+    data = _pixels((2, 3, 2, 40, 36))  # T Z C Y X
+    path = tmp_path / "movie.ome.tif"
+    tifffile.imwrite(path, data, tile=(16, 16), compression="zlib", metadata={"axes": "TZCYX"})
+    with open_image(path) as source:
+        layout = regions.image_layout(source)
+        assert (layout.frames, layout.channels, layout.frame_axes) == (6, 2, "TZ")
+        view = regions.frame_view(source, layout, 5)  # t = 1, z = 2
+        assert view.shape == (2, 40, 36)
+        np.testing.assert_array_equal(view[:, 3:30, 5:9], data[1, 2, :, 3:30, 5:9])
+        np.testing.assert_array_equal(np.asarray(view), data[1, 2])
+        np.testing.assert_array_equal(regions.read_rows(source, layout, 5, 10, 20), data[1, 2, :, 10:20])
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, data[0, 0, 0], compression="lzw")
+    with open_image(gray) as source:
+        view = regions.frame_view(source, regions.image_layout(source), 0)
+        assert view.shape == (1, 40, 36)
+        np.testing.assert_array_equal(view[0, 2:5], data[0, 0, 0, 2:5])
+        np.testing.assert_array_equal(view[:, 2:5, 1:3], data[0, 0, 0, None, 2:5, 1:3])

@@ -74,16 +74,18 @@ class AxesError(DataError):
 
 
 class AxesView:
-    """A lazy view of an array with its axes reordered (and size-1 axes dropped).
+    """A lazy view of an array with its axes reordered, and axes left out fixed at an index (0 by default).
 
     Slicing it in the view's axes order slices the underlying array (so only the region is read)
-    and transposes the result; `base` may be anything with numpy-style basic slicing.
+    and transposes the result; `base` may be anything with numpy-style basic slicing. With
+    `fixed={"T": 3, "Z": 7}` a TZCYX array is seen as one CYX frame.
     """
 
-    def __init__(self, base: Any, source_axes: str, axes: str) -> None:
+    def __init__(self, base: Any, source_axes: str, axes: str, fixed: dict[str, int] | None = None) -> None:
         shape = tuple(int(n) for n in base.shape)
+        self.fixed = dict(fixed or {})
         for letter, size in zip(source_axes, shape):
-            if letter not in axes and size != 1:
+            if letter not in axes and letter not in self.fixed and size != 1:
                 raise ValueError(f"axis {letter} of size {size} cannot be dropped")
         self.base, self.source_axes, self.axes = base, source_axes, axes
         self.shape = tuple(shape[source_axes.index(a)] for a in axes)
@@ -94,8 +96,8 @@ class AxesView:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        per_axis = dict(zip(self.axes, _expand_key(key, self.ndim)))
-        source_key = tuple(per_axis.get(a, 0) for a in self.source_axes)
+        per_axis = dict(zip(self.axes, expand_key(key, self.ndim)))
+        source_key = tuple(per_axis.get(a, self.fixed.get(a, 0)) for a in self.source_axes)
         region = np.asarray(self.base[source_key])
         kept_source = [a for a in self.source_axes if a in per_axis and not isinstance(per_axis[a], int)]
         kept_view = [a for a in self.axes if not isinstance(per_axis[a], int)]
@@ -106,7 +108,7 @@ class AxesView:
         return out if dtype is None else out.astype(dtype)
 
 
-def _expand_key(key: Any, ndim: int) -> list[Any]:
+def expand_key(key: Any, ndim: int) -> list[Any]:
     """A basic-slicing key as one int or slice per axis (Ellipsis expanded)."""
     key = key if isinstance(key, tuple) else (key,)
     if any(k is Ellipsis for k in key):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from unetdist.data.errors import DataError
-from unetdist.data.readers import EXTRA_HINT, ImageSource, _expand_key, _source
+from unetdist.data.readers import EXTRA_HINT, ImageSource, expand_key, _source
 
 PLANE_READER = Callable[[tuple[int, ...], slice, slice], np.ndarray]
 
@@ -32,7 +32,7 @@ class PlaneArray:
         self.read, self.shape, self.dtype, self.ndim = read, tuple(shape), np.dtype(dtype), len(shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        parts = _expand_key(key, self.ndim)
+        parts = expand_key(key, self.ndim)
         lead = [range(self.shape[i])[p] if isinstance(p, slice) else [range(self.shape[i])[p]]
                 for i, p in enumerate(parts[:-2])]
         ys, xs = (slice(*p.indices(n)) if isinstance(p, slice) else slice(p, p + 1)

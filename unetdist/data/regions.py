@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
 from unetdist.data.errors import DataError
-from unetdist.data.readers import AxesError, ImageSource, open_image
+from unetdist.data.readers import AxesError, AxesView, ImageSource, expand_key, open_image
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,27 @@ def label_layout(label: ImageSource, image: Layout, image_path: Path) -> Layout:
     if label.dtype.kind not in "uifb":
         raise DataError(f"{label.path}: label dtype {label.dtype} is not an integer type")
     return Layout(label.axes, frame_axes, shape, 1, sizes["Y"], sizes["X"], str(label.dtype), {}, "label")
+
+
+def frame_view(image: ImageSource, layout: Layout, frame: int) -> Any:
+    """One frame of an image as a lazy C x H x W array (only what is sliced is read), e.g. for
+    sampling its intensity percentiles without reading it whole."""
+    index = dict(zip(layout.frame_axes, np.unravel_index(frame, layout.frame_shape))) if layout.frame_axes else {}
+    axes = "CYX" if "C" in image.axes else "YX"
+    view = AxesView(image.array, image.axes, axes, {a: int(i) for a, i in index.items()})
+    return view if axes == "CYX" else _Expanded(view)
+
+
+class _Expanded:
+    """A YX array seen with a leading channel axis of size 1."""
+
+    def __init__(self, base: Any) -> None:
+        self.base, self.shape, self.dtype, self.ndim = base, (1, *base.shape), base.dtype, 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        parts = expand_key(key, 3)
+        region = np.asarray(self.base[tuple(parts[1:])])
+        return region if isinstance(parts[0], int) else region[None][parts[0]]
 
 
 def read_rows(image: ImageSource, layout: Layout, frame: int, top: int, bottom: int) -> np.ndarray:
