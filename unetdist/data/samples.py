@@ -183,7 +183,8 @@ def intensity_summary(image: np.ndarray, seed_parts: tuple[int, ...], sample: in
         if exact:
             offset = -int(np.iinfo(image.dtype).min)
             bins = 1 << (8 * image.dtype.itemsize)
-            per_channel.append(np.bincount(flat.astype(np.int64) + offset, minlength=bins))
+            shifted = flat if offset == 0 else flat.astype(np.int64) + offset  # unsigned: counted as they are
+            per_channel.append(np.bincount(shifted, minlength=bins))
         else:
             take = flat if flat.size <= sample else rng.choice(flat, sample, replace=False)
             per_channel.append(np.asarray(take, np.float64))
