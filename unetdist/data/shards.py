@@ -23,6 +23,7 @@ down-weights them 4x in the sampling. Validation keeps every tile, so its metric
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -163,15 +164,26 @@ def _mapper(workers: int) -> Iterator[Callable[[Iterable[tuple]], Iterator[Any]]
     """An ordered map over jobs (function, *args): in-process, or a pool of `workers` processes.
 
     Forked where the platform can (as torch's DataLoader does: no re-imports, fast start; the
-    workers only run numpy/scipy code), spawned elsewhere.
+    workers only run numpy/scipy code), spawned elsewhere. At most two jobs per worker are in
+    flight (`Pool.imap` would run ahead and queue every band's tiles in memory when writing is slower).
     """
     if workers <= 1:
         yield lambda jobs: map(_call, jobs)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers, initializer=regions.close_all)
+
+    def bounded(jobs: Iterable[tuple]) -> Iterator[Any]:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_call, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
     try:
-        yield lambda jobs: pool.imap(_call, jobs)
+        yield bounded
     finally:
         pool.terminate()
         pool.join()
