@@ -17,8 +17,21 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user must fix (config, command-line arguments, input files), not a bug in unetdist.
+
+    The command line prints its message as one line and exits with status 2; any other exception is a
+    bug and keeps its traceback. Raise a subclass wherever the code reports a user mistake, and say in
+    the message which file, key or value is wrong and what to do.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """A config file, key or value a user must fix; the message says which and how."""
+
+
+class UsageError(UserError, ValueError):
+    """Command-line arguments that do not fit together (e.g. two options that exclude each other)."""
 
 
 @dataclass

@@ -112,7 +112,7 @@ def run_smoke(args: argparse.Namespace) -> dict[str, Any]:
     from unetdist.bench.run import default_data_dir
 
     device = resolve_device(args.device)
-    preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch,
+    preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch_size,
                             smoke_steps=args.steps)
     out = Path(args.out) if args.out else Path("runs") / "bench" / preset.name
     data_root = Path(args.data_dir) if args.data_dir else default_data_dir(preset)

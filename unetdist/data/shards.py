@@ -172,7 +172,7 @@ def _remove_previous(out_dir: Path) -> None:
 
 
 def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, shard: ShardConfig, num_classes: int,
-                 progress: bool = False, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+                 progress: bool = True, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tile `pairs` into train/val WebDataset shards in `out_dir` and write manifest.json.
 
     `dataset` (name, source, licence, ...) is recorded in the manifest as given. Returns the
@@ -222,13 +222,9 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
 
 
 def _progress(results: Iterable[FrameResult], total: int, show: bool) -> Iterable[FrameResult]:
-    if not show:
-        return results
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return results
-    return tqdm(results, total=total, unit="frame", desc="sharding")
+    from unetdist.data.progress import track
+
+    return track(results, total, "shard", "frame", enabled=show)
 
 
 def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTask]], out_dir: Path,

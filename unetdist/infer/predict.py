@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unetdist.config import UsageError
 from unetdist.data.manifest import IntensityStats, normalize
 from unetdist.infer.windows import (BLENDS, Window, WindowGrid, check_tiling, default_margin, edge_weight, inner_edges,
                                    window_grid)
@@ -51,13 +52,17 @@ class PredictOptions:
         return default_margin(self.overlap) if self.margin is None else self.margin
 
     def validate(self) -> None:
-        check_tiling(self.tile, self.overlap, self.resolved_margin)
+        """Options come from the command line: a bad value is the user's to fix (`UsageError`, exit 2)."""
+        try:
+            check_tiling(self.tile, self.overlap, self.resolved_margin)
+        except ValueError as exc:
+            raise UsageError(f"--tile {self.tile} / --overlap {self.overlap} / --margin: {exc}") from exc
         if self.blend not in BLENDS:
-            raise ValueError(f"unknown blend {self.blend!r}; expected one of {', '.join(BLENDS)}")
+            raise UsageError(f"unknown --blend {self.blend!r}; expected one of {', '.join(BLENDS)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+            raise UsageError(f"unknown --precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 @dataclass

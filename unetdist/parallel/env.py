@@ -51,6 +51,11 @@ def launch_world_size() -> int:
     return _int_env("WORLD_SIZE", 1)
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher announced it, before joining the group (logs, error lines)."""
+    return _int_env("RANK", 0)
+
+
 def init_distributed(timeout_s: int = 1800) -> DistEnv:
     """Join the process group described by torchrun's variables, or run alone without them.
 

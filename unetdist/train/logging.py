@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unetdist.data.progress import Progress
 from unetdist.parallel.collectives import all_reduce_max, all_reduce_mean
 from unetdist.parallel.env import DistEnv
 
@@ -22,21 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """TensorBoard scalars/images plus a progress bar (terminal) or log lines (files, pipes)."""
+    """TensorBoard scalars/images plus progress: a bar in a terminal, `step N/total ... ETA` log lines otherwise."""
 
     def __init__(self, tb_dir: Path | None, total_steps: int, start_step: int) -> None:
         self.writer = None
-        self.bar = None
+        # Updated once per log interval, so every update is a line (interval 0).
+        self.bar = Progress(total_steps, "train", "step", initial=start_step, enabled=tb_dir is not None, interval_s=0)
         if tb_dir is None:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves have no repeats.
         self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1 if start_step > 0 else None)
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     @property
     def active(self) -> bool:
@@ -49,26 +46,15 @@ class RunLogger:
             self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def progress(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
-        else:
-            log.info("step %d %s", step, text)
+        """`train: step 120/1000 (12%) loss=... lr=..., 2.1 step/s, elapsed 57s, ETA 7:00` (rank 0 only)."""
+        self.bar.set(step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def message(self, text: str) -> None:
-        if self.writer is None:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            log.info(text)
+        self.bar.write(text)
 
     def image_grid(self, step: int, grid: np.ndarray) -> None:
         if self.writer is not None:
-            self.writer.add_image("val/input_target_prediction", grid, step, dataformats="HW")
+            self.writer.add_image("val/input_target_prediction", grid, step, dataformats="HWC")
 
     def config(self, text: str, hparams: dict[str, float | int | str | bool]) -> None:
         """The resolved config as text, and the key settings in TensorBoard's HPARAMS tab (same run folder)."""
@@ -81,8 +67,7 @@ class RunLogger:
             self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -178,21 +163,67 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
+# Class colours (RGB, 0-1): background black, then colours far apart, so a boundary class never looks like
+# the image's grey and neighbouring class ids never look alike. More classes cycle through hues.
+PALETTE = np.array([(0.0, 0.0, 0.0), (0.0, 0.8, 1.0), (1.0, 0.85, 0.0), (1.0, 0.2, 0.6), (0.3, 1.0, 0.3),
+                    (1.0, 0.5, 0.0), (0.6, 0.4, 1.0), (1.0, 1.0, 1.0)], dtype=np.float32)
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """`num_classes` x 3 RGB colours in [0, 1], all different."""
+    if num_classes <= len(PALETTE):
+        return PALETTE[:num_classes]
+    import colorsys
+
+    extra = num_classes - len(PALETTE)
+    hues = np.array([colorsys.hsv_to_rgb((k + 0.5) / extra, 0.7, 0.9) for k in range(extra)], dtype=np.float32)
+    return np.concatenate([PALETTE, hues])
+
+
+class GridSamples:
+    """Up to `keep` validation tiles for the picture, those with foreground first (an empty tile shows nothing)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.foreground: list[torch.Tensor] = []
+        self.empty: list[torch.Tensor] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.foreground) >= self.keep
+
+    def offer(self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
+        """A batch: image [B, C, H, W], label and prediction [B, H, W]; keeps copies on the CPU."""
+        for i in range(label.shape[0]):
+            if self.full:
+                return
+            has_foreground = bool((label[i] > 0).any())
+            target = self.foreground if has_foreground else self.empty
+            if has_foreground or len(self.empty) < self.keep:
+                target.append(torch.stack([image[i, 0].float(), label[i].float(), pred[i].float()]).cpu())
+
+    def samples(self) -> list[torch.Tensor]:
+        return (self.foreground + self.empty)[: self.keep]
+
+
 def prediction_grid(samples: list[torch.Tensor], num_classes: int) -> np.ndarray:
-    """Rows of (input, target, prediction), scaled to [0, 1], as one grayscale picture."""
+    """Rows of (input in grey, target, prediction in class colours) as one H x W x 3 RGB picture in [0, 1]."""
+    colours = class_colours(num_classes)
     rows = []
     for sample in samples:
         image, target, pred = sample[0].numpy(), sample[1].numpy(), sample[2].numpy()
         lo, hi = np.percentile(image, [0.5, 99.5])
         image = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
-        scale = max(num_classes - 1, 1)
-        gap = np.ones((image.shape[0], 2), dtype=np.float32)
-        rows.append(np.concatenate([image, gap, target / scale, gap, pred / scale], axis=1))
-        rows.append(np.ones((2, rows[-1].shape[1]), dtype=np.float32))
+        grey = np.repeat(image[..., None], 3, axis=2)
+        gap = np.ones((image.shape[0], 2, 3), dtype=np.float32)
+        painted = [colours[np.clip(m.astype(np.int64), 0, num_classes - 1)] for m in (target, pred)]
+        rows.append(np.concatenate([grey, gap, painted[0], gap, painted[1]], axis=1))
+        rows.append(np.ones((2, rows[-1].shape[1], 3), dtype=np.float32))
     return np.concatenate(rows[:-1], axis=0).astype(np.float32)
 
 
 def save_png(grid: np.ndarray, path: Path) -> None:
+    """An H x W x 3 grid in [0, 1] as an 8-bit RGB PNG."""
     from PIL import Image
 
-    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8), mode="RGB").save(path)
