@@ -87,15 +87,17 @@ class Progress:
         now = time.monotonic()
         if self.bar is None and self.enabled and now - self.last_line >= self.interval_s:
             self.last_line = now
-            self._log()
+            self._log(now)
 
-    def rate(self) -> float:
+    def rate(self, now: float | None = None) -> float:
         """Units per second since this process started counting."""
-        return (self.n - self.initial) / max(time.monotonic() - self.start, 1e-9)
+        now = time.monotonic() if now is None else now
+        return (self.n - self.initial) / max(now - self.start, 1e-9)
 
-    def line(self) -> str:
+    def line(self, now: float | None = None) -> str:
         """`synth: image 6/16 (38%), 1.52 image/s, elapsed 4s, ETA 7s`, the postfix after the count."""
-        rate = self.rate()
+        now = time.monotonic() if now is None else now
+        rate = self.rate(now)
         if self.total:
             done = f"{self.unit} {_count(self.n)}/{_count(self.total)} ({100 * self.n / self.total:.0f}%)"
             eta = (self.total - self.n) / rate if rate > 0 else math.inf
@@ -103,12 +105,12 @@ class Progress:
         else:
             done, tail = f"{self.unit} {_count(self.n)}", ""
         postfix = f" {self.postfix}" if self.postfix else ""
-        elapsed = format_duration(time.monotonic() - self.start)
+        elapsed = format_duration(now - self.start)
         return f"{self.desc}: {done}{postfix}, {rate:.3g} {self.unit}/s, elapsed {elapsed}{tail}"
 
-    def _log(self) -> None:
+    def _log(self, now: float | None = None) -> None:
         self.logged_n = self.n
-        log.info("%s", self.line())
+        log.info("%s", self.line(now))
 
     def write(self, text: str) -> None:
         """A message that does not break the bar (log lines go to the log as they are)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from unetdist.config import UserError
 from unetdist.data.manifest import IntensityStats
 from unetdist.model import UNet
 from unetdist.train.export import MODEL_FORMAT as FORMAT  # one definition, shared with `unetdist export`
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed wrappers, torch.compile
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model file that cannot be used; the message names the file and what is wrong."""
 
 

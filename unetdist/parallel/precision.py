@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from unetdist.config import ConfigError
+
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.precision` on this device (None: fp32)."""
@@ -18,5 +20,5 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
     return torch.bfloat16 if precision == "bf16" else torch.float16
