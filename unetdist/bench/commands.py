@@ -18,10 +18,10 @@ from unetdist.data.console import add_log_file, deprecated_alias
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="auto", choices=["auto", "tiny", "cpu", "gpu"],
-                   help="sizes: gpu (default model, 512px tiles), cpu (width 16, 128px), tiny (CI smoke); "
+                   help="sizes: gpu (the default model, 512px tiles), cpu (width 16, 128px), tiny (CI smoke); "
                         "auto: gpu on CUDA, else cpu")
-    p.add_argument("--out", help="output folder for JSON and log (default runs/bench/PRESET)")
-    p.add_argument("--data-dir", help="benchmark dataset folder, made once and reused (default data/bench-...)")
+    p.add_argument("--out", help="output folder for JSON and log (default: runs/bench/PRESET)")
+    p.add_argument("--data-dir", help="benchmark dataset folder, made once and reused (default: data/bench-...)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--width", type=int, help="override the preset's model base width")
     p.add_argument("--tile", type=int, help="override the preset's tile size")

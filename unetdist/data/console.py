@@ -50,11 +50,12 @@ def add_log_file(path: Path) -> logging.Handler:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default, except where there is none to show (None, off) or the help says it."""
+    """Shows every option's default, except where there is none to show (None, off) or the help has its own
+    `(default ...)` clause (for defaults that are a rule, like `overlap/4`)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "(default" in text:
             return text
         return super()._get_help_string(action)
 

@@ -32,7 +32,7 @@ def _window_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile", type=int, default=256, help="window size in pixels")
     g.add_argument("--overlap", type=int, default=64, help="minimum overlap of neighbouring windows")
     g.add_argument("--margin", type=int, default=None,
-                   help="pixels discarded at a window's inner edges, at most overlap/2 (default overlap/4)")
+                   help="pixels discarded at a window's inner edges, at most overlap/2 (default: overlap/4)")
     g.add_argument("--blend", choices=BLENDS, default="gaussian",
                    help="gaussian (sigma = tile / 8) or constant (plain averaging)")
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
