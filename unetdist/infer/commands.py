@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="Dice, IoU and instance F1 of predictions against label images",
                        description="Score label images written by `unetdist predict` (--pred), or run a model "
-                                   "first (--checkpoint with --images). Files are matched in sorted order.")
+                                   "first (--model with --images). Files are matched in sorted order.")
     p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices)")
     p.add_argument("--pred", nargs="+", help="predicted label images")
     model_option(p, required=False)  # predict with it first
@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-type", choices=("classes", "instances"), default="classes",
                    help="label files hold class indices, or instance ids (then they are the true objects)")
     p.add_argument("--out", required=True, help="output folder: metrics.json/.md/.csv, overlays/")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the model's, or largest label + 1")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes incl. background (default: the model's, or the largest label + 1)")
     p.add_argument("--iou-threshold", type=float, default=0.5, help="object match threshold")
     p.add_argument("--overlays", type=int, default=4, help="overlay pictures for the images with the lowest F1")
     _window_options(p)
