@@ -22,3 +22,10 @@ def test_config_error_is_printed_once_under_torchrun() -> None:
     assert ours == ["unetdist train: unknown config key 'train.stepz'; did you mean 'train.steps'?"], out[-3000:]
     assert "exitcode  : 2" in out or "exitcode: 2" in out, out[-3000:]  # torchrun's summary of the failed workers
     assert "unetdist/config.py" not in out, "a user's mistake is no traceback: " + out[-3000:]
+
+
+def test_rank_one_stays_silent_about_a_config_error() -> None:
+    """The same check without torchrun's timing (it may stop rank 1 before rank 1 gets to print)."""
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    proc = run_cmd([PYTHON, "-m", "unetdist.train", "train.stepz=3"], timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr == "", proc.stderr
