@@ -8,6 +8,7 @@ this one class, so they all report the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -59,11 +60,15 @@ class Progress:
         self.start = self.last_line = time.monotonic()
         self.logged_n: float | None = None
         self.bar = None
+        self._redirect: contextlib.ExitStack | None = None
         if enabled and (sys.stderr.isatty() if tty is None else tty):
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                             mininterval=0.5)
+            self._redirect = contextlib.ExitStack()  # log lines print above the bar instead of through it
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def __enter__(self) -> Progress:
         return self
@@ -126,6 +131,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            if self._redirect is not None:
+                self._redirect.close()
         elif self.enabled and self.logged_n != self.n:
             self._log()
         self.enabled = False
