@@ -75,5 +75,6 @@ def test_clear_error_names_the_file(tmp_path: Path) -> None:
                 "data": {"stats": {"low": [0], "high": [1], "clipped_mean": [0], "clipped_std": [1]}}}, model)
     image = tmp_path / "img.tif"
     tifffile.imwrite(image, np.zeros((20, 20), np.uint16))
-    proc = run_cmd([PYTHON, "-m", "unetdist.cli", "predict", "--model", str(model), "--images", str(image), "--out", str(tmp_path / "o")])
+    proc = run_cmd([PYTHON, "-m", "unetdist.cli", "predict", "--model", str(model), "--images", str(image),
+                    "--out", str(tmp_path / "o")])
     assert proc.returncode == 2 and f"unetdist predict: {model}" in proc.stderr and "another architecture" in proc.stderr

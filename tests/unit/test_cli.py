@@ -79,7 +79,8 @@ def test_help_of_a_real_command_line() -> None:
 
 def test_same_names_everywhere() -> None:
     """The model is `--model`, inputs `--images`, batches `--batch-size`, in every command that has them."""
-    options = {prog: {s for a in p._actions if _shown(a) for s in a.option_strings} for prog, p in _all_parsers().items()}
+    options = {prog: {s for a in p._actions if _shown(a) for s in a.option_strings}
+               for prog, p in _all_parsers().items()}
     for prog in ("unetdist predict", "unetdist evaluate", "unetdist export"):
         assert "--model" in options[prog] and "--checkpoint" not in options[prog], prog
     for prog in ("unetdist predict", "unetdist evaluate", "unetdist shard"):
