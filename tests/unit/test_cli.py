@@ -134,6 +134,11 @@ def test_user_mistakes_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str
         assert capsys.readouterr().err == ""
 
 
+def test_ctrl_c_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_command(_func(KeyboardInterrupt()), "unetdist synth") == 130
+    assert capsys.readouterr().err == "\nunetdist synth: interrupted\n"
+
+
 def test_bugs_keep_their_traceback() -> None:
     """A plain ValueError or TypeError from our code is a bug: it propagates (Python prints the traceback)."""
     for exc in (ValueError("window rows (3, 2) outside [0, 2)"), TypeError("unsupported operand"), KeyError("x")):

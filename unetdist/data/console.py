@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from unetdist.config import ConfigError, UsageError, UserError
 
-EXIT_USER_ERROR = 2  # the launch scripts never restart a run that ended with it
+EXIT_USER_ERROR = 2  # restarting a run that ended with it would fail the same way
+EXIT_INTERRUPTED = 130  # the shell's code for a program stopped by Ctrl-C (128 + SIGINT)
 # OSErrors about a path the user gave (a missing input, a folder where a file belongs): also one line.
 USER_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 # Raised identically on every rank (same config, same arguments): printed by rank 0 only under torchrun.
@@ -138,6 +139,10 @@ def run_command(args: argparse.Namespace, name: str, rank: int = 0) -> int:
     except (UserError, *USER_FILE_ERRORS) as exc:
         report_user_error(name, exc, rank)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a failure to explain with a traceback
+        if rank == 0:
+            sys.stderr.write(f"\n{name}: interrupted\n")
+        return EXIT_INTERRUPTED
 
 
 def main(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[[argparse.Namespace], str],
