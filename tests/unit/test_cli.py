@@ -27,10 +27,11 @@ from unetdist.data.progress import Progress, format_duration
 
 def _all_parsers() -> dict[str, argparse.ArgumentParser]:
     from unetdist.bench.loader import add_loader_arguments
+    from unetdist.infer.__main__ import build_parser as infer_parser
     from unetdist.train.__main__ import build_parser as train_parser
 
-    top = cli.build_parser()
-    found = {p.prog: p for p in [top, *subparsers(top)]}
+    top, infer = cli.build_parser(), infer_parser()
+    found = {p.prog: p for p in [top, *subparsers(top), *subparsers(infer)]}
     found["python -m unetdist.train"] = train_parser()
     loader = argparse.ArgumentParser(prog="python -m unetdist.bench.loader", formatter_class=HelpFormatter)
     add_loader_arguments(loader)
@@ -89,10 +90,12 @@ def test_same_names_everywhere() -> None:
                  "unetdist bench loader"):
         assert "--batch-size" in options[prog] and "--batch" not in options[prog], prog
     assert "--count" in options["unetdist synth"] and "--images" not in options["unetdist synth"]
-    # python -m unetdist.train is `unetdist train`: the same options with the same defaults
+    # python -m unetdist.train / .infer are `unetdist train` / `predict` / `evaluate`: same options, same defaults
     same = {prog: sorted((a.dest, tuple(a.option_strings), repr(a.default)) for a in p._actions if _shown(a))
-            for prog, p in _all_parsers().items() if prog in ("unetdist train", "python -m unetdist.train")}
+            for prog, p in _all_parsers().items()}
     assert same["unetdist train"] == same["python -m unetdist.train"]
+    for command in ("predict", "evaluate"):
+        assert same[f"unetdist {command}"] == same[f"python -m unetdist.infer {command}"]
 
 
 def test_old_spellings_still_parse_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -86,13 +86,18 @@ def _print(metrics: dict, out: Path) -> None:
           f"(precision {inst['precision']:.4f}, recall {inst['recall']:.4f}); reports in {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """torchrun needs a module to start: `predict` and `evaluate` with the arguments `unetdist` gives them."""
+def build_parser() -> argparse.ArgumentParser:
+    """`predict` and `evaluate`, registered by the same function as under `unetdist`."""
     from unetdist.infer.commands import register
 
     parser = new_parser("python -m unetdist.infer", __doc__)
     register(parser.add_subparsers(dest="command", required=True))
-    return run_main(parser, argv, lambda args: f"unetdist {args.command}", launch_rank(), launch_world_size())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun needs a module to start: `predict` and `evaluate` with the arguments `unetdist` gives them."""
+    return run_main(build_parser(), argv, lambda args: f"unetdist {args.command}", launch_rank(), launch_world_size())
 
 
 if __name__ == "__main__":
