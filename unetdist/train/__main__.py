@@ -28,7 +28,9 @@ def train_main(args: argparse.Namespace) -> int:
         print(f"unetdist train: {exc}", file=sys.stderr)
         return 2
     from unetdist.train.loop import run  # after the config check, so config errors come back fast
-    from unetdist.train.preemption import EXIT_RESUMABLE, Preempted
+    from unetdist.data.errors import DataError
+    from unetdist.train.checkpoint import CheckpointError
+    from unetdist.train.preemption import Preempted
     env = init_distributed()
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
@@ -36,12 +38,12 @@ def train_main(args: argparse.Namespace) -> int:
     )
     try:
         run(cfg, env)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError, DataError) as exc:
         logging.getLogger("unetdist").error("%s", exc)
         return 2
     except Preempted as exc:
-        logging.getLogger("unetdist").warning("%s (exit code %d)", exc, EXIT_RESUMABLE)
-        return EXIT_RESUMABLE
+        logging.getLogger("unetdist").warning("%s (exit code %d)", exc, exc.exit_code)
+        return exc.exit_code
     finally:
         destroy_distributed()
     return 0
