@@ -80,6 +80,17 @@ def test_lock_sigterm_sigint_and_a_changed_model(tmp_path: Path, tiny_data: Path
     assert "Traceback" not in wider.stderr
 
 
+def test_settings_that_cannot_work_are_refused_before_data_is_read(tmp_path: Path, tiny_data: Path) -> None:
+    train = [PYTHON, "-m", "unetdist.train"]
+    other_tile = run_cmd([*train, *_args(tmp_path / "a", tiny_data, "data.shard.tile=64")])
+    assert other_tile.returncode == 2, other_tile.stderr[-3000:]
+    assert f"data.shard.tile=64 but the dataset in {tiny_data} was cut into 32-px tiles" in other_tile.stderr
+    fresh = tmp_path / "never-made"  # data.generate=true would make it: the shape check must come first
+    small = run_cmd([*train, *_args(tmp_path / "b", fresh, "data.shard.tile=16", "model.depth=5")])
+    assert small.returncode == 2 and "data.shard.tile=16 is too small for model.depth=5" in small.stderr
+    assert not fresh.exists() and not (tmp_path / "b").exists()
+
+
 def _rank_of(pid: int) -> int | None:
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

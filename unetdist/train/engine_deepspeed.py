@@ -82,6 +82,8 @@ class DeepSpeedEngine:
     def step(self) -> torch.Tensor:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):  # ZeRO 1/2: a device tensor; float() here would sync every step
+            return norm.detach()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     @property
