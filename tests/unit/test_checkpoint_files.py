@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unetdist.train.checkpoint import (
-    CheckpointError, list_checkpoints, load_checkpoint, model_file_state, read_weights, save_checkpoint,
+    CheckpointError, list_checkpoints, load_checkpoint, model_file_state, read_newest, read_weights, save_checkpoint,
     select_resume, write_model_file,
 )
 
@@ -102,3 +102,14 @@ def test_model_file_is_written_atomically_and_reads_back(tmp_path: Path) -> None
     assert [p.name for p in out.parent.iterdir()] == ["model.pt"]
     with pytest.raises(ValueError, match="unetdist-model-v1"):
         write_model_file(out, {"model": weights})
+
+
+def test_prediction_and_export_skip_a_damaged_newest_checkpoint_of_a_run_folder(tmp_path: Path) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        save_checkpoint(ckpts, step, {"step": step, "model": {"w": torch.full((2,), float(step))}}, keep_last=3)
+    (ckpts / "step_000000002.pt").write_bytes(b"")
+    state, used, kind = read_newest(tmp_path / "run")
+    assert used.name == "step_000000001.pt" and state["step"] == 1 and kind == "ddp-checkpoint"
+    with pytest.raises(CheckpointError, match="empty"):
+        read_newest(ckpts / "step_000000002.pt")  # a file named explicitly is not replaced by another

@@ -17,7 +17,7 @@ import torch
 from unetdist.data.manifest import IntensityStats
 from unetdist.model import UNet
 from unetdist.train.checkpoint import MODEL_FORMAT as FORMAT  # one definition, shared with `unetdist export`
-from unetdist.train.checkpoint import CheckpointError, find_checkpoint, read_weights
+from unetdist.train.checkpoint import CheckpointError, read_newest
 from unetdist.train.checkpoint import model_file_state as _model_file_state
 
 log = logging.getLogger(__name__)
@@ -74,23 +74,18 @@ def _read(path: Path) -> tuple[dict[str, Any], Path, str]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file, checkpoint or run folder")
     try:
-        found = find_checkpoint(path)
-    except FileNotFoundError as exc:
+        return read_newest(path)
+    except (FileNotFoundError, CheckpointError) as exc:
         raise ModelFileError(str(exc)) from exc
-    try:
-        state, kind = read_weights(found)
-    except CheckpointError as exc:
-        raise ModelFileError(str(exc)) from exc
-    except Exception as exc:  # DeepSpeed's stitching raises many types; name the folder
-        raise ModelFileError(f"{found}: cannot be read as a DeepSpeed checkpoint ({exc})") from exc
-    return state, found, kind
+    except Exception as exc:  # DeepSpeed's stitching raises many types; name the path
+        raise ModelFileError(f"{path}: cannot be read as a DeepSpeed checkpoint ({exc})") from exc
 
 
 def load_model_file(path: str | Path) -> tuple[UNet, IntensityStats, ModelInfo]:
     """Load a UNet, the normalisation it was trained with, and where it came from.
 
     Accepted: a DDP checkpoint ``runs/x/checkpoints/step_N.pt``; a run folder or its
-    checkpoints folder (the newest checkpoint); a DeepSpeed checkpoint folder ``step_N`` at any
+    checkpoints folder (the newest checkpoint that reads; damaged newer ones are reported); a DeepSpeed checkpoint folder ``step_N`` at any
     ZeRO stage (stitched by `unetdist.train.checkpoint.read_weights`); and an
     exported model file (what `unetdist export` writes and `model_file_state` builds), a
     ``torch.save``d dict::

@@ -257,16 +257,33 @@ def load_training(engine: Any, path: Path, state: dict[str, Any] | None = None) 
 # ---------------------------------------------------------------- inference: any checkpoint -> weights; the model file
 
 
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint file or DeepSpeed folder; a run folder or its checkpoints/ folder means the newest."""
+def find_checkpoints(path: Path) -> list[Path]:
+    """A checkpoint file or DeepSpeed folder itself; for a run folder or its checkpoints/, all, newest first."""
     if path.is_file() or (path.is_dir() and any(path.glob("*model_states.pt"))):
-        return path
+        return [path]
     for folder in (path / "checkpoints", path):
         found = list_checkpoints(folder)
         if found:
-            return found[-1][1]
+            return [p for _, p in reversed(found)]
     raise FileNotFoundError(f"{path}: no checkpoint here (expected a step_*.pt file, a DeepSpeed step_* folder, "
                             "or a run folder holding checkpoints/)")
+
+
+def read_newest(path: Path) -> tuple[dict[str, Any], Path, str]:
+    """(state, checkpoint read, kind) as `read_weights`; for a run folder the newest that reads (see select_resume)."""
+    found = find_checkpoints(path)
+    problems = []
+    for candidate in found:
+        try:
+            state, kind = read_weights(candidate)
+        except CheckpointError as exc:
+            if len(found) == 1:
+                raise
+            problems.append(str(exc))
+            log.warning("%s; trying the previous checkpoint", exc)
+            continue
+        return state, candidate, kind
+    raise CheckpointError(f"none of the {len(found)} checkpoints in {path} can be read ({problems[0]})")
 
 
 def read_weights(path: Path) -> tuple[dict[str, Any], str]:

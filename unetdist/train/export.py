@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unetdist.train.checkpoint import (
-    CheckpointError, find_checkpoint, model_file_state, read_weights, write_model_file,
-)
+from unetdist.train.checkpoint import CheckpointError, model_file_state, read_newest, write_model_file
 
 
 def export_model(src: Path, out: Path) -> Path:
     """Write the model file for the checkpoint `src` names; returns the checkpoint used."""
-    checkpoint = find_checkpoint(src)
-    state, _ = read_weights(checkpoint)
+    state, checkpoint, _ = read_newest(src)
     if "model_hparams" not in state:
         raise CheckpointError(f"{checkpoint} was not written by unetdist (no model_hparams)")
     write_model_file(out, model_file_state(state["model"], state["model_hparams"], state.get("data", {}),
