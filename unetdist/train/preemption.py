@@ -54,16 +54,17 @@ class StopSignal:
         self.every, self.grace_s = max(1, every), grace_s
         self.received: int = 0
         self._first_at = 0.0
+        self._watching = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT == signum and time.monotonic() - self._first_at > 1.0:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now, no checkpoint
-        if self.received:
-            return
-        self.received, self._first_at = signum, time.monotonic()
-        if signum == signal.SIGTERM and self.grace_s > 0:
+        if signum == signal.SIGTERM and self.grace_s > 0 and not self._watching:
+            self._watching = True
             threading.Thread(target=self._watchdog, daemon=True).start()
+        if not self.received:
+            self.received, self._first_at = signum, time.monotonic()
 
     def _watchdog(self) -> None:
         time.sleep(self.grace_s)
