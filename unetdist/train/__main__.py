@@ -31,14 +31,14 @@ def train_main(args: argparse.Namespace) -> int:
 
         deepspeed_config(cfg, launch_world_size())
     from unetdist.train.loop import run  # after the config check, so config errors come back fast
-    from unetdist.train.preemption import EXIT_RESUMABLE, Preempted
+    from unetdist.train.preemption import Preempted
 
     env = init_distributed()
     try:
         run(cfg, env)
     except Preempted as exc:
-        logging.getLogger("unetdist").warning("%s (exit code %d)", exc, EXIT_RESUMABLE)
-        return EXIT_RESUMABLE
+        logging.getLogger("unetdist").warning("%s (exit code %d)", exc, exc.exit_code)
+        return exc.exit_code
     finally:
         destroy_distributed()
     return 0

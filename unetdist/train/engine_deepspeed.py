@@ -4,9 +4,8 @@ The engine gets our model (already prepared: activation checkpointing with the B
 guard, device, memory format), our torch optimizer and LR schedule unless the config asks for
 DeepSpeed's, and a DeepSpeed config generated from ours.
 
-Checkpoints use DeepSpeed's `save_checkpoint`/`load_checkpoint` (per-rank ZeRO shards), written
-under a temporary tag and renamed only after every rank has finished, then `latest` is
-replaced atomically: a crash mid-save never leaves `latest` naming an incomplete folder.
+Checkpoints use DeepSpeed's `save_checkpoint`/`load_checkpoint` (per-rank ZeRO shards) into the
+folder `unetdist.train.checkpoint` names; that module commits, discovers and prunes the folders.
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ from torch import nn
 
 from unetdist.config import Config
 from unetdist.parallel.deepspeed_config import deepspeed_config
-from unetdist.parallel.collectives import barrier
 from unetdist.parallel.env import DistEnv
 from unetdist.parallel.parallelize import prepare_module
 from unetdist.parallel.precision import resolve_precision
 from unetdist.model import UNet
-from unetdist.train.checkpoint import commit, prune, remove_stale
 from unetdist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -85,6 +82,8 @@ class DeepSpeedEngine:
     def step(self) -> torch.Tensor:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):  # ZeRO 1/2: a device tensor; float() here would sync every step
+            return norm.detach()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     @property
@@ -113,27 +112,13 @@ class DeepSpeedEngine:
             copy.load_state_dict({k: v.detach().clone() for k, v in self.engine.module.state_dict().items()})
         return copy
 
-    def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None:
-        """Collective. Every rank writes its shard into `step_N.tmp`; rank 0 commits it and `latest`."""
-        tag = f"step_{step:09d}"
-        if self.env.is_main:
-            directory.mkdir(parents=True, exist_ok=True)
-            remove_stale(directory)
-        barrier(self.env)
-        self.engine.save_checkpoint(str(directory), tag=f"{tag}.tmp", client_state=client_state, save_latest=False)
-        barrier(self.env)
-        if self.env.is_main:
-            commit(directory / f"{tag}.tmp", directory / tag)
-            latest_tmp = directory / "latest.tmp"
-            latest_tmp.write_text(tag)
-            commit(latest_tmp, directory / "latest")
-            prune(directory, keep_last)
-        barrier(self.env)
+    def save_to(self, folder: Path, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its shard of this step into `folder` (DeepSpeed's format)."""
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        if not path.is_dir():
-            raise ValueError(f"{path} is a DDP checkpoint file; set parallel.backend=ddp to resume it")
-        load_path, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+    def load_from(self, folder: Path) -> dict[str, Any]:
+        """Collective: every rank loads its shard; returns the client state saved with it."""
+        load_path, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
         return client_state

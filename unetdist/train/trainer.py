@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from unetdist.config import Config, to_dict
-from unetdist.parallel.collectives import all_gather_object, broadcast_
+from unetdist.parallel.collectives import all_gather_object, barrier, broadcast_
 from unetdist.parallel.env import DistEnv
 from unetdist.model import UNet
+from unetdist.train.checkpoint import load_training, save_training
 from unetdist.train.engine_ddp import Engine, TorchEngine
 from unetdist.train.logging import GridSamples
 from unetdist.train.metrics import ConfusionCounter, segmentation_loss
@@ -127,10 +128,12 @@ class Trainer:
             "model_hparams": asdict(self.cfg.model),
             **extra,
         }
-        self.engine.save(directory, self.step, client_state, self.cfg.train.keep_last)
+        save_training(self.engine, directory, self.step, client_state, self.cfg.train.keep_last,
+                      self.env.is_main, lambda: barrier(self.env))
 
-    def load(self, path: Path) -> dict[str, Any]:
-        state = self.engine.load(path)
+    def load(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore from a checkpoint; `state` is its content when the caller has already read it."""
+        state = load_training(self.engine, path, state)
         self.step = int(state["step"])
         rngs = state.get("rng") or []
         if len(rngs) == self.env.world_size:
