@@ -51,11 +51,13 @@ def launch_world_size() -> int:
     return _int_env("WORLD_SIZE", 1)
 
 
-def init_distributed(timeout_s: int = 1800) -> DistEnv:
+def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> DistEnv:
     """Join the process group described by torchrun's variables, or run alone without them.
 
     The backend follows the device: NCCL when this process has a GPU, gloo otherwise. The local
     rank (not the global rank) picks the GPU, which is what makes multi-node launches correct.
+    One process needs no group, except for DeepSpeed (`group_for_one`), whose engine always talks
+    through one: alone, it gets a group of one on an in-process store (no address or port needed).
     """
     rank = _int_env("RANK", 0)
     world_size = _int_env("WORLD_SIZE", 1)
@@ -68,18 +70,21 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if world_size > 1 and not dist.is_initialized():
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise RuntimeError(
-                    f"WORLD_SIZE={world_size} but {key} is not set: start multi-process runs with torchrun "
-                    "(e.g. torchrun --nproc_per_node=2 -m unetdist.train --config ...)"
-                )
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if backend == "nccl" else None,
-        )
+    if (world_size > 1 or group_for_one) and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        device_id = device if backend == "nccl" else None
+        if world_size == 1 and not all(os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")):
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it from the environment
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout, device_id=device_id)
+        else:
+            for key in ("MASTER_ADDR", "MASTER_PORT"):
+                if key not in os.environ:
+                    raise RuntimeError(
+                        f"WORLD_SIZE={world_size} but {key} is not set: start multi-process runs with torchrun "
+                        "(e.g. torchrun --nproc_per_node=2 -m unetdist.train --config ...)"
+                    )
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     env = DistEnv(rank, world_size, local_rank, local_world_size, device)
     if env.is_main:
         log.info("process group: world_size=%d backend=%s device=%s", world_size, backend, device)

@@ -29,7 +29,7 @@ def train_main(args: argparse.Namespace) -> int:
         return 2
     from unetdist.train.loop import run  # after the config check, so config errors come back fast
     from unetdist.train.preemption import EXIT_RESUMABLE, Preempted
-    env = init_distributed()
+    env = init_distributed(group_for_one=cfg.parallel.backend == "deepspeed")  # DeepSpeed needs a group, even of one
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
