@@ -91,7 +91,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # elastic restarts hang or fail on 
 # while it closes its TensorBoard file.
 cmd=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --wait=60)
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
-cmd+=("$PYTHON" -m torch.distributed.run
+cmd+=("$PYTHON" -m unetdist.parallel.agent  # torchrun that keeps exit 2 (config error: no restart) and 75 (resumable)
   --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID"
   --max-restarts="${MAX_RESTARTS:-3}"
