@@ -19,9 +19,8 @@ from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
-from unetdist.model.flops import train_step_flops_for
 from unetdist.train.checkpoint import resolve_resume
-from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png
+from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png, step_flops_per_image
 from unetdist.train.preemption import Preempted, StopSignal
 from unetdist.train.trainer import Trainer, build_trainer
 
@@ -128,7 +127,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
                 height, width = batch["image"].shape[-2:]
-                flops = train_step_flops_for(asdict(cfg.model), height, width, 1, cfg.train.activation_checkpointing)
+                flops = step_flops_per_image(asdict(cfg.model), height, width, cfg.train.activation_checkpointing)
                 values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
