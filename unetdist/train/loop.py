@@ -19,6 +19,7 @@ from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
+from unetdist.parallel.shared_dir import check_shared_run_dir
 from unetdist.train.checkpoint import resolve_resume
 from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png, step_flops_per_image
 from unetdist.train.preemption import Preempted, StopSignal
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     """Train to `train.steps`, resuming where a previous run of the same folder stopped."""
     run_dir = Path(cfg.run.dir)
+    if env.world_size > env.local_world_size:  # several nodes: resume and checkpoints need one shared run.dir
+        check_shared_run_dir(env, run_dir)
     manifest = _open_data(cfg)
     trainer = build_trainer(cfg, env)
     _resume(cfg, env, trainer, run_dir / "checkpoints")
