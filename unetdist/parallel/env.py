@@ -10,9 +10,13 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from unetdist.parallel.node import NodeResources
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,22 @@ def _int_env(name: str, default: int) -> int:
         return int(value)
     except ValueError as exc:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def node_resources() -> "NodeResources":
+    """Cores this process may run on (CPU affinity: what SLURM's --cpus-per-task grants) and the node's
+    memory (the smaller of physical memory and a cgroup limit)."""
+    from unetdist.parallel.node import NodeResources
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    except OSError:
+        pass
+    return NodeResources(cores=cores, memory_bytes=memory)
 
 
 def launch_world_size() -> int:

@@ -19,6 +19,7 @@ from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
+from unetdist.parallel.node import sample_bytes, warn_if_overloaded
 from unetdist.parallel.shared_dir import check_shared_run_dir
 from unetdist.train.checkpoint import resolve_resume
 from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png, step_flops_per_image
@@ -34,6 +35,10 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     if env.world_size > env.local_world_size:  # several nodes: resume and checkpoints need one shared run.dir
         check_shared_run_dir(env, run_dir)
     manifest = _open_data(cfg)
+    if env.is_main:
+        per_worker = batches_per_epoch(cfg.data, manifest, env.world_size) * cfg.data.batch_size // max(1, cfg.data.workers)
+        warn_if_overloaded(env.local_world_size, cfg.data.workers, cfg.data.shuffle_buffer,
+                           sample_bytes(manifest.tile, manifest.channels, manifest.dtype, manifest.weights), per_worker)
     trainer = build_trainer(cfg, env)
     _resume(cfg, env, trainer, run_dir / "checkpoints")
     if env.is_main:
