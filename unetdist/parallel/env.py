@@ -76,8 +76,10 @@ def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> Dist
 
     The backend follows the device: NCCL when this process has a GPU, gloo otherwise. The local
     rank (not the global rank) picks the GPU, which is what makes multi-node launches correct.
-    One process needs no group, except for DeepSpeed (`group_for_one`), whose engine always talks
-    through one: alone, it gets a group of one on an in-process store (no address or port needed).
+    One process started without a launcher needs no group, except for DeepSpeed (`group_for_one`),
+    whose engine always talks through one: it gets a group of one on an in-process store (no address
+    or port needed). Under torchrun a single process joins its group as a larger job would (NCCL
+    initialised with `device_id`), so a 1-GPU run exercises the same path.
     """
     rank = _int_env("RANK", 0)
     world_size = _int_env("WORLD_SIZE", 1)
@@ -90,7 +92,8 @@ def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> Dist
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if (world_size > 1 or group_for_one) and not dist.is_initialized():
+    launched = bool(os.environ.get("MASTER_ADDR")) and "WORLD_SIZE" in os.environ  # torchrun: join even alone
+    if (world_size > 1 or group_for_one or launched) and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         device_id = device if backend == "nccl" else None
         if world_size == 1 and not all(os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")):
@@ -107,7 +110,8 @@ def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> Dist
             dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     env = DistEnv(rank, world_size, local_rank, local_world_size, device)
     if env.is_main:
-        log.info("process group: world_size=%d backend=%s device=%s", world_size, backend, device)
+        log.info("process group: world_size=%d backend=%s device=%s%s", world_size, backend, device,
+                 "" if dist.is_initialized() else " (none: one process)")
     return env
 
 
