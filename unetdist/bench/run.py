@@ -138,7 +138,8 @@ def _refresh_measured_peaks(report: dict[str, Any], device: torch.device) -> Non
         peaks[key] = report["peak_flops"][key] = max(report["peak_flops"][key], again)
     for row in report["rows"]:
         if row["group"] != "ddp":
-            row["mfu"] = row["tflops_per_s_per_device"] * 1e12 / peaks["fp32" if row["precision"] == "fp32" else "bf16"]
+            row["hfu"] = row["tflops_per_s_per_device"] * 1e12 / peaks["fp32" if row["precision"] == "fp32" else "bf16"]
+            row["mfu"] = row["hfu"] * row["model_flops_per_step"] / row["train_flops_per_step"]
 
 
 def _section_reference(ctx: Context, report: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ def _window_options(p: argparse.ArgumentParser) -> None:
                    help="gaussian (sigma = tile / 8) or constant (plain averaging)")
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="of the forward pass; auto: bf16 on CUDA, fp32 on CPU")
+                   help="of the forward pass; auto: bf16 on GPUs with bf16 hardware (A100, H100, ...), else fp32")
     g.add_argument("--tta", action="store_true", help="average over the 4 flips (4x the compute)")
     g.add_argument("--axes", default="auto", help="image axes over T, C, Y, X, e.g. TCYX (default: auto, as "
                                                   "`unetdist shard` reads them)")

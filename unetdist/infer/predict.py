@@ -21,6 +21,7 @@ from unetdist.data.manifest import IntensityStats, normalize
 from unetdist.infer.windows import (BLENDS, Window, WindowGrid, check_tiling, default_margin, edge_weight, inner_edges,
                                    window_grid)
 from unetdist.model import UNet
+from unetdist.parallel.precision import resolve_inference_precision
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
@@ -35,7 +36,7 @@ class PredictOptions:
         margin: pixels discarded at a window's inner edges (None: `default_margin(overlap)`).
         blend: ``gaussian`` (sigma = tile / 8) or ``constant`` (plain averaging).
         batch_size: windows per forward pass.
-        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 on GPUs with bf16 hardware, else fp32), ``fp32`` or ``bf16``.
         tta: average the logits of the 4 flips (none, horizontal, vertical, both).
     """
 
@@ -92,8 +93,7 @@ class SlidingWindowPredictor:
         self.num_classes = int(model.hparams["num_classes"])
         self.align = 2 ** int(model.hparams["depth"])
         self.min_side = self.align * (2 if model.hparams["norm"] == "instance" else 1)
-        use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
-        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self.amp_dtype = resolve_inference_precision(options.precision, device)  # auto: bf16 only where native
         self._weights: dict[tuple, torch.Tensor] = {}
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:

@@ -33,7 +33,7 @@ def train_main(args: argparse.Namespace) -> int:
     from unetdist.train.loop import run  # after the config check, so config errors come back fast
     from unetdist.train.preemption import Preempted
 
-    env = init_distributed()
+    env = init_distributed(group_for_one=cfg.parallel.backend == "deepspeed")  # DeepSpeed needs a group, even of one
     try:
         run(cfg, env)
     except Preempted as exc:

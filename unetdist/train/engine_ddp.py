@@ -52,7 +52,7 @@ class TorchEngine:
         self.optimizer = build_optimizer(list(self.model.parameters()), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(env.device.type) if self.amp_dtype == torch.float16 else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.amp_dtype is None:

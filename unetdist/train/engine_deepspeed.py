@@ -21,18 +21,20 @@ import torch
 from torch import nn
 
 from unetdist.config import Config
-from unetdist.parallel.deepspeed_config import deepspeed_config
+from unetdist.parallel.deepspeed_config import check_deepspeed_version, deepspeed_config
 from unetdist.parallel.env import DistEnv
 from unetdist.parallel.parallelize import prepare_module
-from unetdist.parallel.precision import resolve_precision
+from unetdist.parallel.precision import cuda_capability, resolve_precision
 from unetdist.model import UNet
 from unetdist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 
-def _import_deepspeed(env: DistEnv) -> Any:
+def _import_deepspeed(env: DistEnv, ds_config: dict[str, Any]) -> Any:
     import deepspeed
+
+    check_deepspeed_version(deepspeed.__version__, ds_config)
 
     # DeepSpeed's ZeRO collectives call torch names that torch 2.13 deprecates, once per step per rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
@@ -46,14 +48,22 @@ def _import_deepspeed(env: DistEnv) -> Any:
     return deepspeed
 
 
+def _grad_scaler(engine: Any) -> torch.amp.GradScaler | None:
+    """The GradScaler DeepSpeed made for float16 autocast: the engine's without ZeRO, the optimizer's with it."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is None:
+        scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+    return scaler
+
+
 class DeepSpeedEngine:
     """ZeRO stages 0-3, fp32 / bf16 autocast / fp16 with dynamic loss scaling, gradient accumulation."""
 
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module) -> None:
         self.cfg, self.env = cfg, env
         self.stage = cfg.parallel.deepspeed.zero_stage
-        self.ds_config = deepspeed_config(cfg, env.world_size)
-        deepspeed = _import_deepspeed(env)
+        self.ds_config = deepspeed_config(cfg, env.world_size, env.device.type, cuda_capability(env.device))
+        deepspeed = _import_deepspeed(env, self.ds_config)
         model = prepare_module(model, cfg.train, cfg.parallel, env)
         optimizer = scheduler = None
         if cfg.parallel.deepspeed.optimizer == "torch":
@@ -65,8 +75,10 @@ class DeepSpeedEngine:
             model_parameters=None if optimizer is not None else list(model.parameters()),
             dist_init_required=False,
         )
-        # Autocast for evaluation only: in training DeepSpeed applies its own (torch_autocast section).
+        # Autocast for evaluation only: in training DeepSpeed applies its own (torch_autocast section),
+        # chosen by the same function, so validation and MFU use the dtype training ran in.
         self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
+        self._scaler = _grad_scaler(self.engine)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.engine(image)
@@ -92,9 +104,7 @@ class DeepSpeedEngine:
 
     @property
     def loss_scale(self) -> float | None:
-        if not self.ds_config.get("fp16", {}).get("enabled"):
-            return None
-        return float(self.engine.optimizer.cur_scale)
+        return float(self._scaler.get_scale()) if self._scaler is not None else None
 
     @property
     def module(self) -> nn.Module:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from unetdist.data.progress import Progress
+from unetdist.model.flops import train_step_flops_for
 from unetdist.parallel.collectives import all_reduce_max, all_reduce_mean
 from unetdist.parallel.env import DistEnv
 
@@ -75,11 +76,14 @@ class RunLogger:
 class Throughput:
     """Images/s, megapixels/s and the fraction of wall time spent waiting for data, per log interval."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, device: torch.device) -> None:
         self.world_size = world_size
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
+        """A new interval: clock, counts and the memory peak (after validation too, which is not training)."""
+        reset_peak_memory(self.device)
         self.start = time.perf_counter()
         self.data_wait = 0.0
         self.images = 0
@@ -90,7 +94,7 @@ class Throughput:
         self.pixels += pixels
         self.data_wait += data_wait
 
-    def report(self, device: torch.device) -> dict[str, float]:
+    def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         per_device_ips = self.images / elapsed
         per_device_mpx = self.pixels / elapsed / 1e6
@@ -100,7 +104,7 @@ class Throughput:
             "megapixels_per_s": per_device_mpx * self.world_size,
             "megapixels_per_s_per_device": per_device_mpx,
             "data_wait_fraction": min(1.0, self.data_wait / elapsed),
-            "peak_memory_gb": peak_memory_gb(device),
+            "peak_memory_gb": peak_memory_gb(self.device),
         }
         self.reset()
         return out
@@ -111,7 +115,7 @@ class IntervalStats:
 
     def __init__(self, env: DistEnv) -> None:
         self.env = env
-        self.throughput = Throughput(env.world_size)
+        self.throughput = Throughput(env.world_size, env.device)
         self.loss_sum = torch.zeros((), device=env.device)
         self.loss_count = 0
         self.skipped = torch.zeros((), dtype=torch.float64, device=env.device)  # since the (re)start
@@ -130,37 +134,66 @@ class IntervalStats:
         self.loss_count += 1
         self.skipped += int(batch.get("skipped", 0))
 
-    def report(self, out: dict[str, torch.Tensor], epoch: int, flops_per_image: int,
+    def report(self, out: dict[str, torch.Tensor], epoch: int, flops_per_image: tuple[int, int],
                amp_dtype: torch.dtype | None) -> dict[str, float]:
+        """Interval figures; ``flops_per_image`` is (model, hardware) FLOPs, see :func:`step_flops_per_image`."""
         env = self.env
         values = {"loss": float(all_reduce_mean(env, self.loss_sum)) / max(self.loss_count, 1),
                   "lr": float(out["lr"]), "grad_norm": float(out["grad_norm"]), "epoch": float(epoch)}
         if "loss_scale" in out:
             values["loss_scale"] = float(out["loss_scale"])
-        values.update(self.throughput.report(env.device))
+        values.update(self.throughput.report())
         values["peak_memory_gb"] = all_reduce_max(env, values["peak_memory_gb"])
         values["data_skipped"] = float(all_reduce_mean(env, self.skipped)) * env.world_size
         if env.is_main:
-            values["mfu"] = model_flops_utilisation(values["images_per_s_per_device"], flops_per_image,
-                                                    env.device, amp_dtype)
+            model, hardware = flops_per_image
+            ips = values["images_per_s_per_device"]
+            values["mfu"] = model_flops_utilisation(ips, model, env.device, amp_dtype)
+            values["hfu"] = model_flops_utilisation(ips, hardware, env.device, amp_dtype)
         self.loss_sum.zero_()
         self.loss_count = 0
         return values
 
 
+def step_flops_per_image(model: dict[str, Any], height: int, width: int, checkpointing: str) -> tuple[int, int]:
+    """(model FLOPs, hardware FLOPs) of one image's training step (analytic count).
+
+    Model FLOPs are forward + backward: what the model needs, the numerator of MFU (model FLOP
+    utilisation). Hardware FLOPs add activation checkpointing's recomputation: what the device
+    executes, the numerator of HFU (hardware FLOP utilisation). They are equal without checkpointing.
+    """
+    return (train_step_flops_for(model, height, width, 1, "none"),
+            train_step_flops_for(model, height, width, 1, checkpointing))
+
+
 def model_flops_utilisation(images_per_s_per_device: float, flops_per_image: int, device: torch.device,
                             amp_dtype: torch.dtype | None) -> float:
-    """Achieved model FLOP/s (analytic count, recomputation included) over the device's peak."""
+    """Achieved FLOP/s (``flops_per_image``: model FLOPs for MFU, hardware FLOPs for HFU) over the device's peak."""
     from unetdist.model.peak import peak_flops
 
     return images_per_s_per_device * flops_per_image / peak_flops(device, amp_dtype or torch.float32)
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU allocation, or peak resident set size of this process on CPU."""
+    """Peak GPU allocation, or peak resident set size of this process on CPU, since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+    try:  # VmHWM can be reset (below); ru_maxrss is the lifetime peak
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) / 2**20  # kilobytes
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak, so each log interval reports its own (not the process lifetime's, validation included)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: reset the peak resident set size
+    except OSError:
+        pass  # other systems: the lifetime peak
 
 
 # Class colours (RGB, 0-1): background black, then colours far apart, so a boundary class never looks like

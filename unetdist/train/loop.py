@@ -19,10 +19,11 @@ from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
-from unetdist.model.flops import train_step_flops_for
+from unetdist.parallel.node import sample_bytes, warn_if_overloaded
+from unetdist.parallel.shared_dir import check_shared_run_dir
 from unetdist.train.checkpoint import CheckpointError, select_resume
 from unetdist.train.fingerprint import check_resume, current
-from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png
+from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png, step_flops_per_image
 from unetdist.train.preemption import Preempted, StopSignal
 from unetdist.train.runlock import RunLock
 from unetdist.train.trainer import Trainer, build_trainer
@@ -33,9 +34,15 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     """Train to `train.steps`, resuming where a previous run of the same folder stopped."""
     run_dir = Path(cfg.run.dir)
+    if env.world_size > env.local_world_size:  # several nodes: resume and checkpoints need one shared run.dir
+        check_shared_run_dir(env, run_dir)
     lock = _lock(env, run_dir)
     try:
         manifest = _open_data(cfg)
+        if env.is_main:
+            per_worker = batches_per_epoch(cfg.data, manifest, env.world_size) * cfg.data.batch_size // max(1, cfg.data.workers)
+            warn_if_overloaded(env.local_world_size, cfg.data.workers, cfg.data.shuffle_buffer,
+                               sample_bytes(manifest.tile, manifest.channels, manifest.dtype, manifest.weights), per_worker)
         start = _select_checkpoint(cfg, env, manifest, run_dir / "checkpoints")
         trainer = build_trainer(cfg, env)
         if start is not None:
@@ -182,7 +189,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
                 height, width = batch["image"].shape[-2:]
-                flops = train_step_flops_for(asdict(cfg.model), height, width, 1, cfg.train.activation_checkpointing)
+                flops = step_flops_per_image(asdict(cfg.model), height, width, cfg.train.activation_checkpointing)
                 values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
