@@ -214,7 +214,7 @@ def _remove_previous(out_dir: Path) -> None:
 
 
 def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, shard: ShardConfig, num_classes: int,
-                 progress: bool = False, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+                 progress: bool = True, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tile `pairs` into train/val WebDataset shards in `out_dir` and write manifest.json.
 
     `dataset` (name, source, licence, ...) is recorded in the manifest as given. Returns the
@@ -272,13 +272,9 @@ def _common_pixel_size(surveys: list[PairSurvey]) -> dict[str, list] | None:
 
 
 def _progress(results: Iterable[FrameResult], total: int, show: bool) -> Iterable[FrameResult]:
-    if not show:
-        return results
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return results
-    return tqdm(results, total=total, unit="band", desc="sharding")
+    from unetdist.data.progress import track
+
+    return track(results, total, "shard", "band", enabled=show)
 
 
 def _band_tiles(task: FrameTask, survey: PairSurvey, shard: ShardConfig) -> int:
