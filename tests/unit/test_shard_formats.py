@@ -126,3 +126,17 @@ def test_ome_zarr_and_tiff_shard_like_in_memory_arrays(tmp_path, version):
         for key, sample in found.items():
             np.testing.assert_array_equal(sample["img"], reference[key]["img"])
             np.testing.assert_array_equal(sample["lbl"], reference[key]["lbl"])
+
+
+def test_float_labels_with_fractions_are_refused_not_rounded(tmp_path):
+    image = np.zeros((40, 40), np.uint16)
+    label = np.zeros((40, 40), np.float32)
+    label[5, 5] = 0.5
+    for i in range(2):
+        np.save(tmp_path / f"i{i}.npy", image)
+        np.save(tmp_path / f"l{i}.npy", label if i else np.round(label))
+    from unetdist.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"l1\.npy: label holds non-integer values"):
+        write_shards([(tmp_path / f"i{i}.npy", tmp_path / f"l{i}.npy") for i in range(2)], tmp_path / "out", CFG,
+                     num_classes=2)

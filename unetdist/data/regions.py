@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +103,13 @@ def label_layout(label: ImageSource, image: Layout, image_path: Path) -> Layout:
     if label.dtype.kind not in "uifb":
         raise DataError(f"{label.path}: label dtype {label.dtype} is not an integer type")
     return Layout(label.axes, frame_axes, shape, 1, sizes["Y"], sizes["X"], str(label.dtype), {}, "label")
+
+
+def check_label_rows(rows: np.ndarray, path: Path) -> np.ndarray:
+    """Label rows as they are, or an error when a float label holds non-integer values (never rounded)."""
+    if rows.dtype.kind == "f" and not np.all(np.mod(rows, 1) == 0):
+        raise DataError(f"{path}: label holds non-integer values; labels must be class indices or instance ids")
+    return rows
 
 
 def frame_view(image: ImageSource, layout: Layout, frame: int) -> Any:

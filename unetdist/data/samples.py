@@ -95,7 +95,7 @@ def survey_pair(pair: Pair, shard: ShardConfig, num_classes: int) -> PairSurvey:
     for t in range(layout.frames):
         per_tile = []
         for band in frame_bands(layout.height, layout.width, shard):
-            raw = regions.read_rows(label, label_lay, t, band.top, band.bottom)
+            raw = regions.check_label_rows(regions.read_rows(label, label_lay, t, band.top, band.bottom), pair.label)
             classes = to_classes(raw, pair.label, shard.labels, num_classes)
             own = classes[band.own_top - band.top : band.own_bottom - band.top]
             class_pixels[t] += np.bincount(own.ravel(), minlength=num_classes)[:num_classes]
