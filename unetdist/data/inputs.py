@@ -1,9 +1,8 @@
-"""Finding and reading the user's image/label files: globs or CSV/YAML lists, TIFF/PNG/.npy, axes, frames.
+"""Finding the user's image/label files (globs or CSV/YAML lists) and reading small ones whole.
 
-Microscopy arrives as folders of fields of view (one file each), multi-page TIFF stacks and
-time-lapses, with 8/12/16-bit pixels and one or more channels. Everything here turns such a file
-into frames of C x H x W pixels in the file's own dtype (never an 8-bit conversion), and a label
-file into one H x W class mask per frame, so that shard writing deals with one shape only.
+Shard writing reads images lazily, band by band, through `readers.open_image` and `regions`
+(frames x channels x H x W, any size); what remains here is finding the files and the whole-file
+helpers that evaluation and prediction use for small TIFF/PNG/.npy files.
 
 Axes: every image gets an axes string over T (frames: each one a separate 2-D image), C
 (channels), Y and X. With `axes="auto"`, TIFF files use the axes tifffile reads from their
