@@ -45,22 +45,22 @@ def test_predict_evaluate_export_and_resume_never_run_a_planted_pickle(tmp_path:
 
     ds_dir = tmp_path / "ds"  # a folder holding a DeepSpeed-looking file: predict DIR, evaluate, export DIR
     planted = _plant(ds_dir / "mp_rank_00_model_states.pt", marker)
-    _refused(run_cmd([*infer, "predict", str(ds_dir), str(image), "--out", str(tmp_path / "p")], env=ENV),
+    _refused(run_cmd([*infer, "predict", "--model", str(ds_dir), "--images", str(image), "--out", str(tmp_path / "p")], env=ENV),
              marker, planted)
-    _refused(run_cmd([*infer, "evaluate", "--checkpoint", str(ds_dir), "--images", str(image), "--labels", str(label),
+    _refused(run_cmd([*infer, "evaluate", "--model", str(ds_dir), "--images", str(image), "--labels", str(label),
                       "--out", str(tmp_path / "e")], env=ENV), marker, planted)
-    _refused(run_cmd([*infer, "export", str(ds_dir), "--out", str(tmp_path / "m.pt")], env=ENV), marker, planted)
+    _refused(run_cmd([*infer, "export", "--model", str(ds_dir), "--out", str(tmp_path / "m.pt")], env=ENV), marker, planted)
 
     run_dir = tmp_path / "run"  # a step_* folder in a run folder, then a checkpoint file
     planted = _plant(run_dir / "checkpoints" / "step_000000005" / "zero_pp_rank_0_mp_rank_00_model_states.pt", marker)
-    _refused(run_cmd([*infer, "predict", str(run_dir), str(image), "--out", str(tmp_path / "p")], env=ENV),
+    _refused(run_cmd([*infer, "predict", "--model", str(run_dir), "--images", str(image), "--out", str(tmp_path / "p")], env=ENV),
              marker, planted)
-    _refused(run_cmd([*infer, "export", str(run_dir), "--out", str(tmp_path / "m.pt")], env=ENV), marker, planted)
+    _refused(run_cmd([*infer, "export", "--model", str(run_dir), "--out", str(tmp_path / "m.pt")], env=ENV), marker, planted)
     _refused(_train(run_dir, tiny_data, "parallel.backend=deepspeed"), marker, planted)
     planted.unlink()
     planted.parent.rmdir()
     planted = _plant(run_dir / "checkpoints" / "step_000000005.pt", marker)
-    _refused(run_cmd([*infer, "export", str(planted), "--out", str(tmp_path / "m.pt")], env=ENV), marker, planted)
+    _refused(run_cmd([*infer, "export", "--model", str(planted), "--out", str(tmp_path / "m.pt")], env=ENV), marker, planted)
     train = _train(run_dir, tiny_data)
     _refused(train, marker, planted)
     assert "none of the 1 checkpoints" in train.stderr + train.stdout

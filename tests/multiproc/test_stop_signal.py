@@ -7,7 +7,11 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.multiproc.spawn import spawn
+
+pytestmark = pytest.mark.slow
 
 
 def _worker(out: str, every: int) -> None:

@@ -69,6 +69,7 @@ def test_checkpoints_without_a_fingerprint_are_checked_from_their_saved_config()
         check_resume(old, Path("ck.pt"), load_config(None, [*BASE, "model.depth=3"]), DATA)
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_folder_fails_naming_the_holder(tmp_path: Path) -> None:
     lock = RunLock(tmp_path / "run")
     lock.acquire()
@@ -99,6 +100,7 @@ def test_sigint_is_a_stop_and_a_second_one_later_aborts() -> None:
     assert Preempted(3, signal.SIGUSR1).exit_code == 75
 
 
+@pytest.mark.slow
 def test_sigterm_watchdog_ends_a_process_stuck_after_the_signal() -> None:
     """A survivor of a broken group, blocked forever (here: asleep), still exits 143 after the grace time."""
     code = ("import os, signal, time\nfrom unetdist.train.preemption import StopSignal\n"

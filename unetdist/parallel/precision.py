@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -11,12 +11,16 @@ across hosts on NFS. The file records host, pid and start time for the message.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
 
 from unetdist.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 
@@ -34,7 +38,11 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks: say so, go on
+                log.warning("cannot lock %s (%s): nothing stops a second run on this run.dir", self.path, exc)
+                os.close(fd)
+                return
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             raise ConfigError(f"run.dir {self.path.parent} is in use by another run ({holder}); wait for it to end "
