@@ -140,3 +140,27 @@ def test_float_labels_with_fractions_are_refused_not_rounded(tmp_path):
     with pytest.raises(DataError, match=r"l1\.npy: label holds non-integer values"):
         write_shards([(tmp_path / f"i{i}.npy", tmp_path / f"l{i}.npy") for i in range(2)], tmp_path / "out", CFG,
                      num_classes=2)
+
+
+def test_czi_z_stack_is_sharded_like_its_pixels(tmp_path):
+    pyczi = pytest.importorskip("pylibCZIrw.czi")
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 4096, (3, 2, 40, 50), dtype=np.uint16)  # Z C Y X
+    with pyczi.create_czi(str(tmp_path / "stack.czi"), exist_ok=True) as czi:
+        for z in range(3):
+            for c in range(2):
+                czi.write(data=data[z, c], plane={"Z": z, "C": c, "T": 0}, location=(0, 0))
+        czi.write_metadata(document_name="test", scale_x=0.2e-6, scale_y=0.2e-6, scale_z=1e-6)
+    labels = rng.integers(0, 2, (3, 40, 50), dtype=np.uint8)
+    np.save(tmp_path / "stack_masks.npy", labels)
+    manifest = write_shards([(tmp_path / "stack.czi", tmp_path / "stack_masks.npy")], tmp_path / "out",
+                            replace(CFG, tile=16, overlap=0), num_classes=2)
+    entry = manifest["inputs"][0]
+    assert (entry["frames"], entry["channels"], entry["axes"]) == (3, 2, "ZCYX")
+    assert entry["pixel_size"]["X"][0] == pytest.approx(0.2) and entry["pixel_size"]["Z"][0] == pytest.approx(1.0)
+    for sample in _everything(tmp_path / "out", manifest).values():
+        meta = sample["meta"]
+        h, w = meta["valid_h"], meta["valid_w"]
+        rows, cols = slice(meta["y"], meta["y"] + h), slice(meta["x"], meta["x"] + w)
+        np.testing.assert_array_equal(sample["img"][:, :h, :w], data[meta["frame"], :, rows, cols])
+        np.testing.assert_array_equal(sample["lbl"][:h, :w], labels[meta["frame"], rows, cols])
