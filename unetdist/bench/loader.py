@@ -146,17 +146,13 @@ def _make_dataset(root: Path, args: argparse.Namespace) -> None:
 
 
 def _ours(manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace, seed: int) -> Iterator[dict]:
-    from torch.utils.data import DataLoader
+    """The training loader, epoch after epoch, as `unetdist train` runs it on one rank."""
+    from unetdist.config import DataConfig
+    from unetdist.data.stream import train_loader
 
-    from unetdist.data.stream import TrainPlan, TrainStream
-
-    lanes = max(1, args.workers)
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples, stats=manifest.stats,
-                     batch_size=args.batch_size, shuffle_buffer=64, augment=augment,
-                     num_classes=manifest.num_classes, weights=manifest.weights, seed=seed, rank=0, epoch=0,
-                     lanes=lanes, total=(args.batches + 1) * lanes, start_batch=0)
-    return iter(DataLoader(TrainStream(plan), batch_size=None, num_workers=args.workers,
-                           prefetch_factor=2 if args.workers else None))
+    data = DataConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=64, augment=augment)
+    for epoch in range(10**9):
+        yield from train_loader(data, manifest, rank=0, world_size=1, seed=seed, epoch=epoch)
 
 
 def _baseline(folder: Path, manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace,
