@@ -94,11 +94,24 @@ def _resume(cfg: Config, env: DistEnv, trainer: Trainer, ckpt_dir: Path) -> None
     state = trainer.load(Path(path))
     if env.is_main:
         log.info("resumed from %s at step %d", path, trainer.step)
-        if state.get("world_size") != env.world_size:
-            log.warning(
-                "checkpoint was written by %s ranks, this run has %d: the data stream position is recomputed",
-                state.get("world_size"), env.world_size,
-            )
+        _check_data_order(cfg, env, state)
+
+
+def _check_data_order(cfg: Config, env: DistEnv, state: dict) -> None:
+    """Say whether the data order continues exactly: it does when the global batch and partitions are kept."""
+    saved = (state.get("config") or {}).get("data") or {}
+    if "batch_size" not in saved or state.get("world_size") is None:
+        return
+    before = int(saved["batch_size"]) * int(state["world_size"])
+    now = cfg.data.batch_size * env.world_size
+    if before != now or int(saved.get("partitions", 0)) != cfg.data.partitions:
+        log.warning("the checkpoint's global batch was %d (data.partitions=%s), this run's is %d (%d): the data "
+                    "order from here differs from the unbroken run's; set data.batch_size=%s to continue it exactly",
+                    before, saved.get("partitions", 0), now, cfg.data.partitions,
+                    f"{before // env.world_size}" if before % env.world_size == 0 else "<global batch / ranks>")
+    elif state["world_size"] != env.world_size:
+        log.info("checkpoint written by %s ranks, resumed on %d with the same global batch %d: "
+                 "the data order continues unchanged", state["world_size"], env.world_size, now)
 
 
 def _due(step: int, every: int, total: int) -> bool:
