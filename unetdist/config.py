@@ -115,6 +115,7 @@ class DataConfig:
     train_urls: str = ""  # optional WebDataset URL(s) overriding the manifest's train shards
     val_urls: str = ""
     batch_size: int = 8  # per device
+    global_batch: int = 0  # > 0: data.batch_size = this / world size, so a job requeued on other nodes keeps its data order
     workers: int = 2
     shuffle_buffer: int = 256  # raw samples a reader of all partitions holds for shuffling
     partitions: int = 0  # fixed partitions of the sample order (0: largest divisor of the global batch <= shards)
@@ -276,6 +277,7 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
         (aug.elastic_grid >= 2, "data.augment.elastic_grid must be >= 2"),
         (aug.blur_sigma >= 0.5, "data.augment.blur_sigma must be >= 0.5"),
         (data.partitions >= 0, "data.partitions must be >= 0 (0: automatic)"),
+        (data.global_batch >= 0, "data.global_batch must be >= 0 (0: data.batch_size is per device)"),
         (data.retries >= 0 and data.retry_wait >= 0, "data.retries and data.retry_wait must be >= 0"),
         (data.cache.max_bytes >= 0 and data.cache.prefetch >= 0, "data.cache.max_bytes and data.cache.prefetch "
          "must be >= 0 (max_bytes 0: no limit)"),

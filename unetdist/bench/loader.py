@@ -66,6 +66,9 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process, one core)")
     parser.add_argument("--baseline-format", choices=["png", "tif"], default="png", help="per-file image format")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    from unetdist.bench.loader_url import add_url_arguments
+
+    add_url_arguments(parser)
 
 
 class PerFileDataset:
@@ -194,6 +197,14 @@ def run_loader_bench(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     augment = replace(PRESETS[args.augment], crop=args.crop)
+    if getattr(args, "write_per_file", None) or getattr(args, "url", None):
+        from unetdist.bench.loader_url import run_url_bench, write_per_file_tiles
+
+        if args.write_per_file:
+            if not args.root:
+                raise SystemExit("--write-per-file needs --root (the local dataset whose tiles to write)")
+            return write_per_file_tiles(args.root, args.write_per_file)
+        return run_url_bench(args, augment)
     with tempfile.TemporaryDirectory(prefix="unetdist-bench-") as tmp:
         root = Path(args.root) if args.root else Path(tmp) / "shards"
         if not args.root:

@@ -38,6 +38,20 @@ def auto_partitions(global_batch: int, shards: int) -> int:
     return max(d for d in range(1, global_batch + 1) if global_batch % d == 0 and d <= max(1, shards))
 
 
+def per_device_batch(batch_size: int, global_batch: int, world_size: int, grad_accum: int = 1) -> int:
+    """data.batch_size for this world size: `global_batch / world_size` when a global batch is set."""
+    if global_batch <= 0:
+        return batch_size
+    if global_batch % world_size:
+        raise DataError(f"data.global_batch={global_batch} is not divisible by the world size {world_size}; "
+                        "pick a global batch that every node count you use divides")
+    per_device = global_batch // world_size
+    if per_device % grad_accum:
+        raise DataError(f"data.global_batch={global_batch} gives {per_device} samples per device on {world_size} "
+                        f"ranks, not divisible by train.grad_accum={grad_accum}")
+    return per_device
+
+
 def check_layout(global_batch: int, world_size: int, partitions: int) -> None:
     """Refuse, with the keys to change, a layout whose batches cannot be cut evenly."""
     if global_batch % world_size:

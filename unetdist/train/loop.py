@@ -16,6 +16,7 @@ import yaml
 
 from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
+from unetdist.data.order import per_device_batch
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     """Train to `train.steps`, resuming where a previous run of the same folder stopped."""
     run_dir = Path(cfg.run.dir)
+    # with data.global_batch, the per-device batch follows the world size (the saved config records it)
+    cfg.data.batch_size = per_device_batch(cfg.data.batch_size, cfg.data.global_batch, env.world_size,
+                                           cfg.train.grad_accum)
     manifest = _open_data(cfg)
     trainer = build_trainer(cfg, env)
     _resume(cfg, env, trainer, run_dir / "checkpoints")
