@@ -31,6 +31,7 @@ Batches: {"image": float32 [B, C, T, T], "label": int64 [B, T, T], "weight": flo
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -171,20 +172,25 @@ class PartitionReader:
         return self.items[int(self.perm[within])]
 
     def _raw(self, start: int, stop: int) -> Iterator[dict[str, Any] | None]:
-        segments = list(self.order.segments(self.partition, start, stop))
-        for n, (shard, offset, count) in enumerate(segments):
+        position = start
+        for shard, offset, count in list(self.order.segments(self.partition, start, stop)):
             if self.at != (shard, offset):
-                self._open(shard, offset, [s for s, _, _ in segments[n + 1:]])
+                self._open(shard, offset, position)
             assert self.stream is not None
             for _ in range(count):
                 yield next(self.stream, None)
-            self.at = (shard, offset + count)
+            self.at, position = (shard, offset + count), position + count
 
-    def _open(self, shard: int, offset: int, upcoming: list[int]) -> None:
-        """Open a shard (through the node cache when there is one) and pass over `offset` raw samples."""
+    def _open(self, shard: int, offset: int, position: int) -> None:
+        """Open a shard (through the node cache when there is one) and pass over `offset` raw samples.
+
+        The partition's next shards start downloading into the node cache meanwhile.
+        """
         self.close()
         url = self.plan.opener.local(self.plan.urls[shard], self.on_error)
-        self.plan.opener.prefetch([self.plan.urls[s] for s in upcoming])
+        upcoming = itertools.islice(self.order.segments(self.partition, position, self.order.span), 1,
+                                    1 + self.plan.opener.prefetch_count)
+        self.plan.opener.prefetch([self.plan.urls[s] for s, _, _ in upcoming])
         self.stream = (shard_samples(url, self.on_error, self.order.counts[shard], self.plan.opener.open)
                        if url else iter(()))
         for _ in range(offset):  # raw bytes only, never decoded
