@@ -110,6 +110,7 @@ def _read_epochs(url: str, cache: str, out: str, barrier: multiprocessing.synchr
     Path(out).write_text("\n".join(keys))
 
 
+@pytest.mark.slow
 def test_two_processes_of_a_node_download_each_shard_once_and_later_epochs_read_the_cache(
         root: Path, tmp_path: Path) -> None:
     plan = Plan(root)

@@ -11,7 +11,8 @@ counts its samples like damaged ones. Retries are counted per process (`retries_
 loaders can put them in each batch and the trainer in TensorBoard.
 
 s3:// and gs:// go through the clouds' own command-line tools, as WebDataset's `pipe:` URLs do
-(`aws s3 cp URL -`, `gcloud storage cat URL`), with the same retry-and-skip on failure; any other
+(`aws s3 cp URL -`, `gcloud storage cat URL`; a non-zero exit is a failure), with the same
+retries (re-reading and dropping the delivered prefix); any other
 WebDataset URL (`pipe:...`, local paths) is opened by WebDataset's `gopen`.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import shlex
+import subprocess
 import threading
 import time
 import urllib.error
@@ -55,10 +56,43 @@ def is_remote(url: str) -> bool:
     return url.split("://", 1)[0].lower() in ("http", "https", "s3", "gs") if "://" in url else False
 
 
-def _cloud_command(url: str) -> str:
-    scheme = url.split("://", 1)[0].lower()
-    quoted = shlex.quote(url)
-    return f"pipe:aws s3 cp --quiet {quoted} -" if scheme == "s3" else f"pipe:gcloud storage cat {quoted}"
+def _cloud_command(url: str) -> list[str]:
+    """The clouds' own tools, as WebDataset's `pipe:` examples use them."""
+    if url.split("://", 1)[0].lower() == "s3":
+        return ["aws", "s3", "cp", "--quiet", url, "-"]
+    return ["gcloud", "storage", "cat", url]
+
+
+class _CommandSource:
+    """A command's standard output; its exit status is checked at the end, so a failed copy is an error."""
+
+    def __init__(self, argv: list[str]) -> None:
+        try:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError as exc:
+            raise _Fatal(f"`{argv[0]}` is not installed; it reads {argv[-2] if argv[0] == 'aws' else argv[-1]}") from exc
+        self.argv = argv
+
+    def readinto(self, buffer: Any) -> int:
+        assert self.proc.stdout is not None
+        n = self.proc.stdout.readinto(buffer)
+        if n == 0 and self.proc.wait() != 0:
+            error = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace").strip()
+            raise ConnectionError(f"`{' '.join(self.argv)}` exited with {self.proc.returncode}: {error[-300:]}")
+        return n
+
+    def read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        n = self.readinto(buffer)
+        return bytes(buffer[:n])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 class ResumingStream(io.RawIOBase):
@@ -127,7 +161,7 @@ class ResumingStream(io.RawIOBase):
         if self.url.split("://", 1)[0].lower() in ("http", "https"):
             self.source = self._http()
         else:
-            self.source = gopen(_cloud_command(self.url), "rb")
+            self.source = _CommandSource(_cloud_command(self.url))
             _discard(self.source, self.position)
 
     def _http(self) -> Any:
