@@ -68,23 +68,26 @@ def _descendants(pid: int) -> list[int]:
     return [int(k) for k in out] + [g for k in out for g in _descendants(int(k))]
 
 
-def _run(cmd: list[str], log_path: Path, timeout: float = 300) -> None:
-    """Run a training; if it hangs, every process it started dumps its Python stacks into the log."""
+def _start(cmd: list[str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for pid in _descendants(proc.pid):  # only this run's own processes
-                try:
-                    os.kill(pid, signal.SIGABRT)
-                except ProcessLookupError:
-                    pass
-            time.sleep(3)
-            proc.kill()
-            proc.wait()
-            rc = None
+
+
+def _finish(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
+    """Wait for a training; if it hangs, every process it started dumps its Python stacks into the log."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(proc.pid):  # only this run's own processes
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        proc.kill()
+        proc.wait()
+        rc = None
     assert rc == 0, log_path.read_text()[-6000:]
 
 
@@ -97,26 +100,25 @@ def test_two_ranks_train_from_the_server_and_an_outage_changes_nothing(server: t
                                                                        tmp_path: Path) -> None:
     store, url = server
     cached = tmp_path / "cached"
-    _run(_command(cached, url, f"data.cache.dir={tmp_path / 'cache'}"), tmp_path / "cached.log")
+    _finish(_start(_command(cached, url, f"data.cache.dir={tmp_path / 'cache'}"), tmp_path / "cached.log"),
+            tmp_path / "cached.log")
     assert len(list((tmp_path / "cache").glob("*-train-*.tar"))) == len(list(store.folder.glob("train-*.tar")))
 
     before = len(store.requests())
     streamed = tmp_path / "streamed"
-    with open(tmp_path / "streamed.log", "w") as log:
-        run = subprocess.Popen(_command(streamed, url), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.monotonic() + 300
-            while not any("GET /train-" in r for r in store.requests()[before:]):
-                assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "streamed.log").read_text()
-                time.sleep(0.02)
-            store.stop()  # mid-epoch: the ranks are reading their first shards
-            time.sleep(3)
-            store.start()
-            assert run.wait(timeout=600) == 0, (tmp_path / "streamed.log").read_text()[-3000:]
-        finally:
-            if run.poll() is None:
-                run.kill()
+    run = _start(_command(streamed, url), tmp_path / "streamed.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not any("GET /train-" in r for r in store.requests()[before:]):
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "streamed.log").read_text()
+            time.sleep(0.02)
+        store.stop()  # mid-epoch: the ranks are reading their first shards
+        time.sleep(3)
+        store.start()
+        _finish(run, tmp_path / "streamed.log")
+    finally:
+        if run.poll() is None:
+            run.kill()
     a, b = _final_model(cached), _final_model(streamed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the outage changed the training"
     scalars = read_scalars(streamed / "tb")
