@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import queue
 import subprocess
 import threading
 import time
@@ -200,10 +201,71 @@ def _discard(stream: Any, count: int) -> None:
         count -= len(chunk)
 
 
+class ReadAhead(io.RawIOBase):
+    """Reads a stream in a background thread, up to `depth` chunks ahead, so downloading overlaps decoding."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, source: io.RawIOBase, depth: int = 8) -> None:
+        super().__init__()
+        self.source = source
+        self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self.pending = memoryview(b"")
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True, name="shard-read-ahead")
+        self.thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                chunk = self.source.read(self.CHUNK) or b""
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # handed to the reader, which raises it
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.pending:
+            item = self.chunks.get()
+            if isinstance(item, BaseException):
+                self.chunks.put(item)  # every later read fails the same way
+                raise item
+            if not item:
+                self.chunks.put(item)
+                return 0
+            self.pending = memoryview(item)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.stopping.set()
+            self.thread.join(timeout=60)
+            self.source.close()
+        super().close()
+
+
 def open_url(url: str, retries: int = 5, retry_wait: float = 0.5) -> IO[bytes]:
-    """A readable binary stream of any shard URL; http(s), s3 and gs ones resume after failures."""
+    """A readable binary stream of any shard URL; http(s), s3 and gs ones resume after failures.
+
+    Remote streams are read ahead in a background thread (8 MiB), so the network and the decoding overlap.
+    """
     if is_remote(url):
-        return io.BufferedReader(ResumingStream(url, retries, retry_wait), buffer_size=1 << 20)
+        return io.BufferedReader(ReadAhead(ResumingStream(url, retries, retry_wait)), buffer_size=1 << 20)
     return gopen(url, "rb")
 
 
