@@ -49,13 +49,18 @@ class ShardCache:
             pending = self._pending.pop(url, None)
         if pending is not None:
             try:
-                return pending.result()
+                pending.result()  # (its file may have been evicted since: checked below)
             except OSError:
                 pass  # the prefetch failed; try once more here, reporting the error this time
         target = self.path(url)
         if target.is_file():
             os.utime(target)
             return target
+        return self._fetch(url)
+
+    def _fetch(self, url: str) -> Path:
+        """Download under the shard's lock unless another process of the node did, then evict."""
+        target = self.path(url)
         with open(f"{target}.lock", "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             if not target.is_file():
@@ -105,18 +110,10 @@ class ShardCache:
 
     def _fetch_quietly(self, url: str) -> Path:
         try:
-            return self.get_uncounted(url)
+            return self._fetch(url)
         except OSError as exc:
             log.warning("prefetching %s failed (%s); it is tried again when needed", url, exc)
             raise
-
-    def get_uncounted(self, url: str) -> Path:
-        target = self.path(url)
-        with open(f"{target}.lock", "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            if not target.is_file():
-                self._download(url, target)
-        return target
 
 
 _caches: dict[tuple[int, ShardOpener], ShardCache] = {}
