@@ -20,7 +20,7 @@ import torch
 
 from unetdist.config import AugmentConfig, DataConfig, ShardConfig
 from unetdist.data.errors import DataError
-from unetdist.data.order import epoch_order
+from unetdist.data.order import epoch_order, per_device_batch
 from unetdist.data.shards import write_shards
 from unetdist.data.stream import batches_per_epoch, open_manifest, train_loader
 
@@ -100,6 +100,15 @@ def test_partitions_must_divide_the_global_batch(root: Path) -> None:
     data = data_config(2, 0, partitions=3)
     with pytest.raises(DataError, match=r"data.partitions=3 must divide the global batch 4"):
         train_loader(data, open_manifest(root), rank=0, world_size=2, seed=0, epoch=0)
+
+
+def test_a_global_batch_gives_the_per_rank_batch_or_a_clear_error() -> None:
+    assert [per_device_batch(8, 0, w) for w in (1, 2, 4)] == [8, 8, 8]  # no global batch: per device as given
+    assert [per_device_batch(8, 48, w) for w in (1, 2, 4, 6)] == [48, 24, 12, 8]
+    with pytest.raises(DataError, match=r"data.global_batch=48 is not divisible by the world size 5"):
+        per_device_batch(8, 48, 5)
+    with pytest.raises(DataError, match=r"gives 12 samples per device on 4 ranks, not divisible by train.grad_accum=5"):
+        per_device_batch(8, 48, 4, grad_accum=5)
 
 
 def test_each_partition_reads_whole_shards_in_sequence_with_a_bounded_block(root: Path) -> None:
