@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -113,13 +113,30 @@ class AugmentConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The node-local cache of shards read from a URL data.root (see unetdist/data/cache.py)."""
+
+    dir: str = ""  # a local folder shared by the ranks of a node ("": no cache, stream every epoch)
+    max_bytes: int = 0  # least recently used shards are deleted above this size (0: no limit)
+    prefetch: int = 2  # shards downloaded ahead of the one being read
+
+
+@dataclass
 class DataConfig:
-    root: str = "data/synth-default"  # folder holding manifest.json and the shards
+    """The data section. `generate_asked` (not a key) is set by `load_config`: data.generate was on the command line."""
+
+    generate_asked: ClassVar[bool] = False  # instance attribute when set; a class default otherwise
+    root: str = "data/synth-default"  # folder or http(s)/s3/gs URL holding manifest.json and the shards
     train_urls: str = ""  # optional WebDataset URL(s) overriding the manifest's train shards
     val_urls: str = ""
     batch_size: int = 8  # per device
+    global_batch: int = 0  # > 0: data.batch_size = this / world size, so a job requeued on other nodes keeps its data order
     workers: int = 2
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # raw samples a reader of all partitions holds for shuffling
+    partitions: int = 0  # fixed partitions of the sample order (0: largest divisor of the global batch <= shards)
+    retries: int = 5  # attempts after a failed or broken connection to a shard server
+    retry_wait: float = 0.5  # seconds before the first retry, doubled each time (at most 30 s)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # `true`/`false` still accepted
     generate: bool = False  # make the synthetic dataset in `root` when it is missing
     fetch: str = ""  # or download this dataset (e.g. cellunet-nuclei) and shard it into `root` when missing
@@ -203,6 +220,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _apply_override(raw, item)
     cfg = _build(Config, raw, where=str(path) if path else "config")
     validate(cfg)
+    # data.generate from a file applies to the shipped roots only; on the command line, to any root
+    cfg.data.generate_asked = any(item.split("=", 1)[0].strip() == "data.generate" for item in overrides)
     return cfg
 
 
@@ -297,6 +316,12 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
         (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),
         (aug.elastic_grid >= 2, "data.augment.elastic_grid must be >= 2"),
         (aug.blur_sigma >= 0.5, "data.augment.blur_sigma must be >= 0.5"),
+        (data.partitions >= 0, "data.partitions must be >= 0 (0: automatic)"),
+        (data.global_batch >= 0, "data.global_batch must be >= 0 (0: data.batch_size is per device)"),
+        (data.retries >= 0 and data.retry_wait >= 0, "data.retries and data.retry_wait must be >= 0"),
+        (data.cache.max_bytes >= 0 and data.cache.prefetch >= 0, "data.cache.max_bytes and data.cache.prefetch "
+         "must be >= 0 (max_bytes 0: no limit)"),
+        (not (data.cache.dir and "://" in data.cache.dir), f"data.cache.dir={data.cache.dir!r} must be a local folder"),
     ]
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
 from unetdist.config import DataConfig
 from unetdist.data.errors import DataError
+from unetdist.data.remote import is_remote, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,14 @@ class Manifest:
                           "clipped_mean": list(self.stats.clipped_mean), "clipped_std": list(self.stats.clipped_std)}}
 
 
-def _read_text(location: str) -> str:
-    if "://" in location:
-        with gopen(location, "rb") as stream:
-            return stream.read().decode()
+def _read_text(location: str, data: DataConfig | None) -> str:
+    if is_remote(location):
+        try:
+            return read_bytes(location, *((data.retries, data.retry_wait) if data else ())).decode()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise DataError(f"cannot read {location}: {exc}") from exc
     return Path(location).read_text()
 
 
@@ -169,7 +173,7 @@ def open_manifest(root: str | Path, data: DataConfig | None = None) -> Manifest:
     root = str(root)
     location = _join(root, "manifest.json")
     try:
-        raw = json.loads(_read_text(location))
+        raw = json.loads(_read_text(location, data))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no dataset in {root}: {location} is missing (make one with `unetdist synth` + "
                                 "`unetdist shard`, or set data.generate=true)") from exc
