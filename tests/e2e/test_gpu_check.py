@@ -38,7 +38,7 @@ def test_a_crash_and_a_hang_do_not_stop_the_other_sections(tmp_path: Path) -> No
     out = tmp_path / "check"
     proc = subprocess.Popen([sys.executable, "-m", "unetdist.bench.gpu_check", "run", "--mode", "dry", "--out",
                              str(out), "--sections", "compile,syncbn,loader,predict", "--break", "compile",
-                             "--hang", "loader", "--limit-s", "60", "--deadline-s", "50"],
+                             "--hang", "loader", "--limit-s", "60", "--deadline-s", "35"],
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output, _ = proc.communicate(timeout=300)
