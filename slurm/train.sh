@@ -107,11 +107,13 @@ choose_nproc() {
 if [ -n "${NPROC_PER_NODE:-}" ]; then log "$NPROC_PER_NODE process(es) per node, from NPROC_PER_NODE"; else choose_nproc; fi
 RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 
+HEAD=""
 if command -v scontrol >/dev/null; then
-  HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-else
+  HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1 || true)
+fi
+if [ -z "$HEAD" ]; then
   HEAD=$(hostname)  # the batch script runs on the allocation's first node
-  log "scontrol not found: using this node ($HEAD) as the rendezvous head"
+  log "scontrol could not expand the node list '$SLURM_JOB_NODELIST' (not found, or no SLURM config): using this node ($HEAD) as the rendezvous head"
 fi
 if [ "$NNODES" -gt 1 ]; then
   head_addr=$(getent ahosts "$HEAD" | awk 'NR == 1 { print $1 }')

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 def test_dry_run_passes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "check"
-    env = {**os.environ, "GPU_CHECK_DEADLINE": "900", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "GPU_CHECK_DEADLINE": "1500", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(REPO / "launch/gpu_check.sh"), "--dry-run", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1800)
     report = json.loads((out / "gpu_check.json").read_text())
     statuses = {s["name"]: s["status"] for s in report["sections"]}
     assert proc.returncode == 0 and report["passed"], (statuses, proc.stdout[-4000:])
@@ -38,7 +38,7 @@ def test_a_crash_and_a_hang_do_not_stop_the_other_sections(tmp_path: Path) -> No
     out = tmp_path / "check"
     proc = subprocess.Popen([sys.executable, "-m", "unetdist.bench.gpu_check", "run", "--mode", "dry", "--out",
                              str(out), "--sections", "compile,syncbn,loader,predict", "--break", "compile",
-                             "--hang", "loader", "--limit-s", "30", "--deadline-s", "50"],
+                             "--hang", "loader", "--limit-s", "60", "--deadline-s", "35"],
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output, _ = proc.communicate(timeout=300)
@@ -47,6 +47,7 @@ def test_a_crash_and_a_hang_do_not_stop_the_other_sections(tmp_path: Path) -> No
     assert proc.returncode == 1 and not report["passed"], output[-3000:]
     assert status["compile"]["status"] == "error" and "without a result" in status["compile"]["detail"]
     assert status["syncbn"]["status"] == "pass", status["syncbn"]    # after a crashed section
-    assert status["loader"]["status"] == "timeout" and status["loader"]["seconds"] < 45  # killed at its limit
+    # the hanging section gets what is left of the deadline, is killed then, and nothing starts after it
+    assert status["loader"]["status"] == "timeout" and status["loader"]["seconds"] <= status["loader"]["limit_s"] + 5
     assert status["predict"]["status"] == "skipped" and "deadline" in status["predict"]["detail"]
     assert not descendants(os.getpid()), "a section's processes outlived it"

@@ -26,15 +26,16 @@ from typing import Any
 SCHEMA = "unetdist.gpu_check/1"
 # name -> (module:function, limit on the GPU s, limit in dry mode s). Correctness first, then figures.
 SECTIONS: dict[str, tuple[str, int, int]] = {
-    "train": ("unetdist.bench.gpu_sections:section_train", 80, 150),
-    "deepspeed": ("unetdist.bench.gpu_sections:section_deepspeed", 55, 90),
-    "syncbn": ("unetdist.bench.gpu_sections:section_syncbn", 25, 45),
-    "compile": ("unetdist.bench.gpu_sections:section_compile", 70, 60),
-    "predict": ("unetdist.bench.gpu_perf:section_predict", 30, 45),
-    "table": ("unetdist.bench.gpu_perf:section_table", 95, 120),
-    "loader": ("unetdist.bench.gpu_perf:section_loader", 30, 60),
-    "memory": ("unetdist.bench.gpu_perf:section_memory", 35, 90),
+    "train": ("unetdist.bench.gpu_sections:section_train", 80, 400),
+    "deepspeed": ("unetdist.bench.gpu_sections:section_deepspeed", 55, 200),
+    "syncbn": ("unetdist.bench.gpu_sections:section_syncbn", 25, 90),
+    "compile": ("unetdist.bench.gpu_sections:section_compile", 70, 150),
+    "predict": ("unetdist.bench.gpu_perf:section_predict", 30, 120),
+    "table": ("unetdist.bench.gpu_perf:section_table", 95, 200),
+    "loader": ("unetdist.bench.gpu_perf:section_loader", 30, 120),
+    "memory": ("unetdist.bench.gpu_perf:section_memory", 35, 150),
 }
+# Dry-mode limits are generous: CI machines are small and shared, and the dry run checks code, not speed.
 MIN_START_S = 10  # a section needs at least this much of the deadline left to start
 
 

@@ -115,7 +115,7 @@ def section_train(ctx: Ctx) -> Result:
     if resumed.returncode != 0:
         raise RuntimeError(f"resumed run exited {resumed.returncode}: {resumed.stderr[-1500:]}")
     a, b = _losses(whole), _losses(broken)
-    tolerance = 2e-3 if ctx.gpu else 1e-5  # cuDNN's backward is not bit-reproducible
+    tolerance = 1e-2 if ctx.gpu else 1e-5  # cuDNN's bf16 backward is not bit-reproducible
     worst = max(abs(a[s] - b[s]) / max(abs(a[s]), 1e-8) for s in a) if a.keys() == b.keys() else float("inf")
     metrics = json.loads((whole / "metrics.json").read_text())
     expected_backend = "nccl" if ctx.gpu else "gloo"
