@@ -43,7 +43,7 @@ def test_train_predict_on_two_processes_then_evaluate(tmp_path: Path, tiny_data:
     assert "predict, rank 0 of 2: 100%" in log and "rank 1 of 2" not in log, "one progress bar, on rank 0"
     summary = json.loads((two / "predict.json").read_text())
     assert summary["world_size"] == 2 and summary["model"]["step"] == 4 and summary["megapixels_per_s"] > 0
-    assert {f["rank"] for f in summary["files"]} == {0, 1}
+    assert {f["owner"] for f in summary["files"]} == {0, 1}
     for image in images:
         shape = tifffile.imread(image).shape
         assert tifffile.imread(two / f"{image.stem}_labels.tif").shape == shape

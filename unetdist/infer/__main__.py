@@ -29,7 +29,8 @@ def predict_main(args: argparse.Namespace) -> int:
     env = init_distributed()
     _logging(env)
     try:
-        predict_files(args.model, args.inputs, Path(args.out), options, outputs, env, args.axes)
+        predict_files(args.model, args.inputs, Path(args.out), options, outputs, env, args.axes, args.interior_class,
+                      args.min_size)
     finally:
         destroy_distributed()
     return 0
@@ -68,11 +69,12 @@ def _predict_then_evaluate(args: argparse.Namespace, labels: list[Path], images:
 
     options, outputs = options_from_args(args)
     options.validate()
+    outputs = replace(outputs, format="tiff")  # evaluation reads whole label images
     env = init_distributed()
     _logging(env)
     try:
         summary = predict_files(args.checkpoint, [str(p) for p in images], out / "predictions", options, outputs, env,
-                                args.axes)
+                                args.axes, args.interior_class, args.min_size)
         if env.is_main:
             preds = [Path(f["labels"]) for f in summary["files"]]
             opts = replace(opts, num_classes=opts.num_classes or summary["model"]["hparams"]["num_classes"])

@@ -44,11 +44,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(python -m torch.distributed.run --nproc_per_node=N -m unetdist.infer predict ...).")
     p.add_argument("model", help="checkpoint file, run folder (newest checkpoint) or exported model file")
     p.add_argument("inputs", nargs="+", help="image files, folders or quoted globs ('raw/img_*.tif')")
-    p.add_argument("--out", required=True, help="output folder: <name>_labels.tif [, _probs.tif, _instances.tif]")
+    p.add_argument("--out", required=True, help="output folder: <name>_labels.tif|.zarr [, _probs, _instances]")
     p.add_argument("--probabilities", action="store_true", help="also write softmax probabilities")
-    p.add_argument("--prob-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--prob-dtype", choices=("float32", "uint8"), default="float32",
+                   help="float32, or uint8 scaled to 0..255 (default float32)")
     p.add_argument("--instances", action="store_true", help="also write instance ids (touching nuclei separated "
                                                             "when the model has a boundary class)")
+    g = p.add_argument_group("output files")
+    g.add_argument("--format", choices=("auto", "zarr", "tiff"), default="auto",
+                   help="OME-Zarr or tiled OME-TIFF; auto: zarr for frames above --zarr-above (default auto)")
+    g.add_argument("--zarr-above", type=float, default=64.0, help="auto format threshold, megapixels per frame "
+                                                                  "(default 64)")
+    g.add_argument("--chunk", type=int, default=1024, help="chunk size in pixels: zarr chunks and the unit of "
+                                                          "work shared between ranks and resumed (default 1024)")
+    g.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4", help="OME-NGFF version of zarr outputs "
+                                                                         "(default 0.4, zarr v2)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs and partial predictions")
     _window_options(p)
     p.set_defaults(func=_predict)
 
@@ -66,4 +77,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iou-threshold", type=float, default=0.5, help="object match threshold (default 0.5)")
     p.add_argument("--overlays", type=int, default=4, help="overlay pictures for the images with the lowest F1")
     _window_options(p)
-    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float16", instances=False)
+    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float32", instances=False, format="tiff",
+                   zarr_above=64.0, chunk=1024, ngff="0.4", overwrite=True)
