@@ -117,3 +117,20 @@ def test_existing_outputs_are_kept_without_overwrite(tmp_path: Path, model: Path
     assert (out / "fov_00_labels.tif").stat().st_mtime_ns == before
     _predict(model, [tmp_path / "fov_00.ome.tif"], out, overwrite=True, probabilities=True)
     assert sorted(p.name for p in out.iterdir()) == ["fov_00_labels.tif", "fov_00_probs.tif", "predict.json"]
+
+
+def test_python_api_equals_the_command(tmp_path: Path, model: Path) -> None:
+    from unetdist import load_model, predict_image
+
+    image = _image((2, 70, 90))
+    tifffile.imwrite(tmp_path / "movie.tif", image, photometric="minisblack")
+    _predict(model, [tmp_path / "movie.tif"], tmp_path / "out", probabilities=True, instances=True)
+    net = load_model(model, device="cpu")
+    got = predict_image(net, image, tile=32, overlap=8, probabilities=True, instances=True)
+    assert np.array_equal(got["labels"], tifffile.imread(tmp_path / "out" / "movie_labels.tif"))
+    probs = tifffile.imread(tmp_path / "out" / "movie_probs.tif")
+    # classes first here; softmax over blocks of another shape may round the last bit differently
+    np.testing.assert_allclose(got["probabilities"].transpose(1, 0, 2, 3), probs, rtol=0, atol=1e-6)
+    assert np.array_equal(got["instances"], tifffile.imread(tmp_path / "out" / "movie_instances.tif"))
+    one = predict_image(net, image[1], tile=32, overlap=8)  # a 2-D frame alone: that frame's labels
+    assert one.keys() == {"labels"} and np.array_equal(one["labels"], got["labels"][1])
