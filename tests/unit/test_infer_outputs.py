@@ -134,3 +134,15 @@ def test_python_api_equals_the_command(tmp_path: Path, model: Path) -> None:
     assert np.array_equal(got["instances"], tifffile.imread(tmp_path / "out" / "movie_instances.tif"))
     one = predict_image(net, image[1], tile=32, overlap=8)  # a 2-D frame alone: that frame's labels
     assert one.keys() == {"labels"} and np.array_equal(one["labels"], got["labels"][1])
+
+
+def test_evaluate_checks_label_shapes_before_predicting(tmp_path: Path, model: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from unetdist.infer.__main__ import main
+
+    tifffile.imwrite(tmp_path / "img.tif", _image((40, 50)))
+    tifffile.imwrite(tmp_path / "lbl.tif", np.zeros((50, 40), np.uint8))
+    rc = main(["evaluate", "--checkpoint", str(model), "--images", str(tmp_path / "img.tif"), "--labels",
+               str(tmp_path / "lbl.tif"), "--out", str(tmp_path / "eval")])
+    assert rc == 2 and f"{tmp_path / 'lbl.tif'} is 50 x 40 but its image" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists(), "nothing predicted"

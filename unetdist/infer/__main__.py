@@ -64,9 +64,10 @@ def _predict_then_evaluate(args: argparse.Namespace, labels: list[Path], images:
                            out: Path) -> int:
     from dataclasses import replace
 
-    from unetdist.infer.report import evaluate_files
+    from unetdist.infer.report import check_shapes, evaluate_files
     from unetdist.infer.run import options_from_args, predict_files
 
+    check_shapes(images, labels, args.axes)  # before any prediction: a mismatch found afterwards wastes the run
     options, outputs = options_from_args(args)
     options.validate()
     outputs = replace(outputs, format="tiff")  # evaluation reads whole label images
