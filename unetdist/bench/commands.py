@@ -113,12 +113,30 @@ def _loader(args: argparse.Namespace) -> int:
     return run_loader_bench(args)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from unetdist.bench.predict import format_table, run_predict_bench
+
+    report = run_predict_bench(args)
+    print(format_table(report))
+    print(f"\nwrote {Path(args.out) / 'bench_predict.json'}")
+    checks = report["checks"]
+    return 0 if all(v for k, v in checks.items() if k.endswith("_ok")) else 1
+
+
+def _register_predict(sub: Any) -> None:
+    from unetdist.bench.predict import add_arguments
+
+    p = sub.add_parser("predict", help="peak RSS and megapixels/s of whole-slide prediction, 1 and N ranks")
+    add_arguments(p)
+    p.set_defaults(func=_predict)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: ours vs the reference trainer, levers, DDP, MFU, memory headroom",
                        description="Without a subcommand: the same as `unetdist bench train`.")
     _train_arguments(p)
     p.set_defaults(func=_bench)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{train,smoke,loader}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{train,smoke,loader,predict}")
     train = bench_sub.add_parser("train", help="the training table (the default)")
     _train_arguments(train)
     train.set_defaults(func=_bench)
@@ -126,3 +144,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(smoke)
     smoke.set_defaults(func=_smoke)
     _register_loader(bench_sub)
+    _register_predict(bench_sub)

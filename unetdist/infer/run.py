@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from unetdist.infer.instances import label_instances
@@ -133,19 +133,24 @@ def _cost(predictor: SlidingWindowPredictor, image: InputImage, chunk: int, row:
 
 def _predict_run(predictor: SlidingWindowPredictor, image: InputImage, store: WorkStore, group: list[Unit],
                  progress: Any) -> None:
-    """Stream consecutive chunk rows of one frame and write each as soon as its rows are complete."""
+    """Stream consecutive chunk rows of one frame and write each as soon as its rows are complete.
+
+    Blocks are turned into labels (and probabilities) as they arrive, so only one chunk row of
+    outputs (uint8 labels: chunk x width bytes) waits to be written, never a chunk row of logits.
+    """
     chunk = store.spec.chunk
     y0, y1 = group[0].row * chunk, min((group[-1].row + 1) * chunk, image.height)
-    pending: list[Any] = []
+    pending: list[dict[str, np.ndarray]] = []
     row, filled = group[0].row, 0
-    for start, logits in stream_logits(predictor, image.frame(group[0].frame), y0, y1, progress):
+    for _, logits in stream_logits(predictor, image.frame(group[0].frame), y0, y1, progress):
         while logits.shape[1]:
-            need = min((row + 1) * chunk, image.height) - row * chunk - filled
-            part, logits = logits[:, :need], logits[:, need:]
-            pending.append(part)
+            size = min((row + 1) * chunk, image.height) - row * chunk
+            part, logits = logits[:, :size - filled], logits[:, size - filled:]
+            pending.append(store.outputs_of(part))
             filled += part.shape[1]
-            if filled == min((row + 1) * chunk, image.height) - row * chunk:
-                store.write_unit(group[0].frame, row, torch.cat(pending, 1))
+            if filled == size:
+                store.write_unit(group[0].frame, row, {k: np.concatenate([p[k] for p in pending], axis=-2)
+                                                       for k in pending[0]})
                 pending, row, filled = [], row + 1, 0
 
 

@@ -172,18 +172,21 @@ class WorkStore:
 
         return zarr.open_array(self.root / f"{kind}.zarr" / str(level), mode="r+")
 
-    def write_unit(self, frame: int, row: int, logits: Any) -> None:
-        """Write one unit's outputs from its K x rows x W float32 logits (torch), then its completion record."""
-        index = dict(zip(self.image.frame_axes, self.image.frame_index(frame)))
-        y0 = row * self.spec.chunk
-        rows = slice(y0, y0 + logits.shape[1])
-        labels = logits.argmax(0).numpy().astype(self._dtype("labels"))
-        self.array("labels")[_key(output_axes(self.image, "labels"), index, rows)] = labels
+    def outputs_of(self, logits: Any) -> dict[str, np.ndarray]:
+        """Labels (and probabilities) of a K x rows x W block of float32 logits (torch), in the stored dtypes."""
+        out = {"labels": logits.argmax(0).numpy().astype(self._dtype("labels"))}
         if self.spec.probabilities:
             probs = logits.softmax(0).numpy()
-            if self.spec.prob_dtype == "uint8":
-                probs = np.rint(probs * 255.0).astype(np.uint8)
-            self.array("probs")[_key(output_axes(self.image, "probs"), index, rows)] = probs
+            out["probs"] = np.rint(probs * 255.0).astype(np.uint8) if self.spec.prob_dtype == "uint8" else probs
+        return out
+
+    def write_unit(self, frame: int, row: int, outputs: dict[str, np.ndarray]) -> None:
+        """Write one unit's outputs (from `outputs_of`), then its completion record."""
+        index = dict(zip(self.image.frame_axes, self.image.frame_index(frame)))
+        y0 = row * self.spec.chunk
+        for kind, block in outputs.items():
+            rows = slice(y0, y0 + block.shape[-2])
+            self.array(kind)[_key(output_axes(self.image, kind), index, rows)] = block
         (self.root / "done" / f"{frame}_{row}").touch()
 
 
