@@ -60,7 +60,7 @@ class ShardConfig:
     min_shards: int = 1  # per split, when there are enough tiles: at least ranks x workers at scale
     val_fraction: float = 0.25
     seed: int = 0
-    axes: str = "auto"  # image axes over T (frames), C (channels), Y, X, e.g. "TCYX"; auto: from TIFF metadata
+    axes: str = "auto"  # storage order over T, C, Z, Y, X, e.g. "TZCYX"; auto: from OME/ImageJ/NGFF metadata
     labels: Literal["classes", "instances"] = "classes"  # class masks, or instance ids converted to classes
     frame_block: int = 0  # time-lapse: consecutive frames per train/val split unit (0: the whole stack)
     min_foreground: float = 0.0  # train tiles with less foreground than this are "empty"
@@ -70,6 +70,8 @@ class ShardConfig:
     sigma: float = 5.0  # weight map: border term width in pixels
     class_balance: bool = True  # weight map: w_c(x) = 1 / (K x frequency of the class of x); false: 1
     workers: int = 0  # processes reading and tiling images (0: one per CPU core for inputs over 64 MB, else 1)
+    region_pixels: int = 16_777_216  # images are read and tiled in bands of about this many pixels (bounds memory)
+    skip_background: str = "off"  # off, bright or dark: drop train tiles a low-res view shows as background
 
 
 @dataclass
@@ -252,6 +254,9 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
         (0.0 <= shard.empty_keep <= 1.0, "data.shard.empty_keep must be in [0, 1]"),
         (shard.w0 >= 0 and shard.sigma > 0, "data.shard.w0 must be >= 0 and data.shard.sigma > 0"),
         (shard.workers >= 0, "data.shard.workers must be >= 0 (0: automatic)"),
+        (shard.region_pixels >= 65536, "data.shard.region_pixels must be >= 65536 (pixels read at once per band)"),
+        (shard.skip_background in ("off", "bright", "dark"),
+         "data.shard.skip_background must be off, bright (fluorescence) or dark (brightfield)"),
         (aug.crop == 0 or aug.crop >= 8, "data.augment.crop must be 0 (whole tiles) or >= 8"),
         *((0.0 <= getattr(aug, p) <= 1.0, f"data.augment.{p} must be a probability in [0, 1]") for p in probabilities),
         (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),

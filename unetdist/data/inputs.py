@@ -183,32 +183,6 @@ def as_frames(array: np.ndarray, axes: str) -> np.ndarray:
     return array.transpose([axes.index(a) for a in "TCYX"])
 
 
-def frame_count(pair: Pair, setting: str) -> tuple[int, int, int, int, np.dtype]:
-    """(frames, channels, height, width, dtype) of a pair's image from its header."""
-    shape, dtype, tiff_axes = array_header(pair.image)
-    axes = image_axes(pair.image, shape, tiff_axes, setting)
-    sizes = dict(zip(axes, shape))
-    if dtype.kind not in "uif":
-        raise DataError(f"{pair.image}: image dtype {dtype} is not a number type")
-    return sizes.get("T", 1), sizes.get("C", 1), sizes["Y"], sizes["X"], dtype
-
-
-def read_image(path: Path, setting: str) -> np.ndarray:
-    """The image file as T x C x H x W in its own dtype."""
-    tiff_axes = None
-    if _check_suffix(path) in (".tif", ".tiff"):
-        try:
-            with tifffile.TiffFile(path) as tif:
-                array, tiff_axes = tif.series[0].asarray(), str(tif.series[0].axes)
-        except Exception as exc:
-            raise DataError(f"cannot read {path}: {exc}") from exc
-    else:
-        array = load_array(path)
-    if array.dtype.kind not in "uif":
-        raise DataError(f"{path}: image dtype {array.dtype} is not a number type")
-    return as_frames(array, image_axes(path, tuple(array.shape), tiff_axes, setting))
-
-
 def read_label(path: Path, frames: int, height: int, width: int, image_path: Path) -> np.ndarray:
     """The label file as T x H x W, checked against the image's frames and size."""
     array = load_array(path)

@@ -37,12 +37,14 @@ import numpy as np
 
 from unetdist.config import ShardConfig
 from unetdist.data.errors import DataError
+from unetdist.data import regions
 from unetdist.data.inputs import Pair, as_pairs, load_array, read_pairs
 from unetdist.data.labels import class_weights
 from unetdist.data.manifest import FORMAT
-from unetdist.data.samples import FrameResult, FrameTask, PairSurvey, frame_samples, survey_pair
+from unetdist.data.samples import FrameResult, FrameTask, PairSurvey, frame_bands, frame_samples, survey_pair
 from unetdist.data.sink import ShardSink, fsync
 from unetdist.data.stats import PERCENTILES, IntensityAccumulator
+from unetdist.data.tiling import tile_starts
 
 __all__ = ["FORMAT", "PERCENTILES", "DataError", "IntensityAccumulator", "as_chw", "load_array", "read_pairs",
            "split_sources", "write_shards"]
@@ -111,18 +113,37 @@ def _check_layout(pairs: list[Pair], surveys: list[PairSurvey]) -> None:
 
 def _tasks(split: str, units: list[Unit], pairs: list[Pair], surveys: list[PairSurvey], shard: ShardConfig,
            out_dir: Path) -> list[FrameTask]:
+    """One task per band of tile rows of every frame (bands bound the memory of a large frame)."""
     tasks = []
     for index, frames in units:
         survey = surveys[index]
+        columns = len(tile_starts(survey.width, shard.tile, shard.overlap))
+        frame_bands_ = frame_bands(survey.height, survey.width, shard)
         for t in frames:
-            keep = None
-            if split == "train" and shard.min_foreground > 0:
-                fg = survey.foreground[t]
-                draws = np.random.default_rng(np.random.SeedSequence([shard.seed, index, t, 0xE5])).random(fg.size)
-                keep = tuple(bool(k) for k in (fg >= shard.min_foreground) | (draws < shard.empty_keep))
-            tasks.append(FrameTask(index=index, pair=pairs[index], frame=t, frames=survey.frames, split=split,
-                                   source=_source_name(pairs[index].image, out_dir), keep=keep))
+            keep_all = _train_keep(survey, index, t, shard) if split == "train" else None
+            first = 0
+            for number, band in enumerate(frame_bands_):
+                count = len(band.starts) * columns
+                keep = None if keep_all is None else keep_all[first : first + count]
+                background = survey.background is not None and split == "train" and bool(
+                    survey.background[t][first : first + count].all())
+                first += count
+                tasks.append(FrameTask(index=index, pair=pairs[index], frame=t, frames=survey.frames, split=split,
+                                       source=_source_name(pairs[index].image, out_dir), keep=keep, band=number,
+                                       background=background))
     return tasks
+
+
+def _train_keep(survey: PairSurvey, index: int, frame: int, shard: ShardConfig) -> tuple[bool, ...] | None:
+    """Per tile of a training frame: kept unless empty (by labels, then seeded draws) or background."""
+    keep = None
+    if shard.min_foreground > 0:
+        fg = survey.foreground[frame]
+        draws = np.random.default_rng(np.random.SeedSequence([shard.seed, index, frame, 0xE5])).random(fg.size)
+        keep = (fg >= shard.min_foreground) | (draws < shard.empty_keep)
+    if survey.background is not None:
+        keep = ~survey.background[frame] if keep is None else keep & ~survey.background[frame]
+    return None if keep is None else tuple(bool(k) for k in keep)
 
 
 def _source_name(path: Path, out_dir: Path) -> str:
@@ -148,12 +169,21 @@ def _mapper(workers: int) -> Iterator[Callable[[Iterable[tuple]], Iterator[Any]]
         yield lambda jobs: map(_call, jobs)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers)
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=regions.close_all)
     try:
         yield lambda jobs: pool.imap(_call, jobs)
     finally:
         pool.terminate()
         pool.join()
+
+
+@contextlib.contextmanager
+def _closing_images() -> Iterator[None]:
+    """Close the image files kept open while sharding, however it ends."""
+    try:
+        yield
+    finally:
+        regions.close_all()
 
 
 def _workers(shard: ShardConfig, pairs: list[Pair]) -> int:
@@ -184,7 +214,7 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
     if not 2 <= num_classes <= 256:
         raise DataError(f"num_classes must be in [2, 256] (labels are stored as uint8), got {num_classes}")
     out_dir = Path(out_dir)
-    with _mapper(_workers(shard, pairs)) as mapper:
+    with _mapper(_workers(shard, pairs)) as mapper, _closing_images():
         surveys = list(mapper((survey_pair, p, shard, num_classes) for p in pairs))
         _check_layout(pairs, surveys)
         units = assign_units(pairs, surveys, shard)
@@ -209,7 +239,9 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
                        "class_weights": None if weights is None else weights.tolist()},
         "checksum": "crc32",
         "inputs": [{"image": str(p.image), "label": str(p.label), "frames": s.frames, "channels": s.channels,
-                    "height": s.height, "width": s.width} for p, s in zip(pairs, surveys)],
+                    "height": s.height, "width": s.width, "axes": s.axes,
+                    "pixel_size": {a: list(v) for a, v in s.pixel_size.items()}} for p, s in zip(pairs, surveys)],
+        "pixel_size": _common_pixel_size(surveys),
         "dataset": dataset or {},
     }
     tmp = out_dir / "manifest.json.tmp"
@@ -221,6 +253,12 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
     return manifest
 
 
+def _common_pixel_size(surveys: list[PairSurvey]) -> dict[str, list] | None:
+    """The images' physical pixel size when all agree (what a model trained on them expects), else None."""
+    sizes = [{a: list(v) for a, v in s.pixel_size.items()} for s in surveys]
+    return sizes[0] if sizes[0] and all(size == sizes[0] for size in sizes) else None
+
+
 def _progress(results: Iterable[FrameResult], total: int, show: bool) -> Iterable[FrameResult]:
     if not show:
         return results
@@ -228,14 +266,19 @@ def _progress(results: Iterable[FrameResult], total: int, show: bool) -> Iterabl
         from tqdm import tqdm
     except ImportError:
         return results
-    return tqdm(results, total=total, unit="frame", desc="sharding")
+    return tqdm(results, total=total, unit="band", desc="sharding")
+
+
+def _band_tiles(task: FrameTask, survey: PairSurvey, shard: ShardConfig) -> int:
+    band = frame_bands(survey.height, survey.width, shard)[task.band]
+    return len(band.starts) * len(tile_starts(survey.width, shard.tile, shard.overlap))
 
 
 def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTask]], out_dir: Path,
                   shard: ShardConfig, units: dict[str, list[Unit]], pairs: list[Pair],
                   surveys: list[PairSurvey]) -> dict[str, Any]:
     """Consume the frame results in task order into one sink per split; delete everything on failure."""
-    expected = {s: sum(sum(t.keep) if t.keep is not None else len(surveys[t.index].foreground[t.frame])
+    expected = {s: sum(sum(t.keep) if t.keep is not None else _band_tiles(t, surveys[t.index], shard)
                        for t in tasks[s]) for s in tasks}
     sinks = {s: ShardSink(out_dir, s, shard.shard_bytes,
                           math.ceil(expected[s] / shard.min_shards) if shard.min_shards > 1 else None) for s in tasks}
@@ -244,7 +287,7 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
     order = [(s, t) for s in ("train", "val") for t in tasks[s]]
     try:
         for (split, task), result in zip(order, results, strict=True):
-            if split == "train":
+            if split == "train" and result.summary is not None:
                 stats.add_summary(result.summary)
             pixels[split] += result.class_pixels
             for key, members in result.samples:
@@ -262,7 +305,7 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
         out[split] = {
             "shards": sink.shards, "samples": sum(s["samples"] for s in sink.shards), "sources": sources,
             "units": [{"source_index": i, "frames": [r.start, r.stop]} for i, r in units[split]],
-            "rejected_empty": sum(len(surveys[t.index].foreground[t.frame]) for t in tasks[split]) - expected[split],
+            "rejected_empty": sum(_band_tiles(t, surveys[t.index], shard) for t in tasks[split]) - expected[split],
             "class_pixels": pixels[split].tolist(),
             "class_frequencies": (pixels[split] / max(total, 1)).tolist(),
         }
