@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from unetdist.data.errors import DataError
-from unetdist.data.inputs import SUFFIXES, array_header, as_frames, image_axes, load_array
-
-INPUT_SUFFIXES = SUFFIXES + (".zarr",)  # an OME-Zarr image is a folder
+from unetdist.data.inputs import array_header, as_frames, image_axes, load_array
+from unetdist.data.readers import SUFFIXES as INPUT_SUFFIXES  # what open_image reads; .zarr is a folder
 
 
 @dataclass(frozen=True)

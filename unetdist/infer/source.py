@@ -8,17 +8,14 @@ frame (the model is 2-D), taken in the order T then Z, and outputs keep those ax
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import tifffile
 
 from unetdist.data.errors import DataError
-from unetdist.data.inputs import load_array
-from unetdist.infer.io import frame_layout
+from unetdist.data.readers import open_image
 
 FRAME_AXES = "TZ"
 
@@ -111,71 +108,23 @@ class FrameView:
 
 
 def open_input(path: Path, in_channels: int, axes: str = "auto") -> InputImage:
-    """Open `path` lazily; DataError (one line, naming the file) when it cannot feed the model."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        image = _open_zarr(path)
-    elif path.suffix.lower() in (".tif", ".tiff"):
-        image = _open_tiff(path, in_channels, axes)
-    else:
-        array = load_array(path)
-        layout = frame_layout(path, tuple(array.shape), None, in_channels, axes)
-        image = InputImage(path, layout.axes, tuple(array.shape), array.dtype, {}, array)
-    if image.dtype.kind not in "uifb":
-        image.close()
-        raise DataError(f"{path}: image dtype {image.dtype} is not a number type")
+    """Open `path` lazily (`unetdist.data.readers.open_image`); DataError (one line) when it cannot feed the model.
+
+    With automatic axes the model's channel count settles what the file leaves open: a 1-channel
+    model takes a channel axis (a 3-D array without metadata reads as C x H x W) as frames, and a
+    C-channel model takes a frame axis of exactly C entries as channels (a plain C-page TIFF).
+    """
+    source = open_image(path, axes)
+    letters, sizes = source.axes, source.sizes
+    if axes.lower() == "auto" and sizes.get("C", 1) != in_channels:
+        if in_channels == 1 and "T" not in letters:
+            letters = letters.replace("C", "T")
+        elif "C" not in letters and sizes.get("T") == in_channels:
+            letters = letters.replace("T", "C")
+    image = InputImage(path, letters, source.shape, source.dtype, source.pixel_size, source.array, source.close)
     if image.channels != in_channels:
         image.close()
         raise DataError(f"{path}: image of shape {image.shape} (axes {image.axes}) has {image.channels} channel(s) "
-                        f"but the model takes {in_channels}; give --axes if the axes were misread")
+                        f"but the model takes {in_channels}" + ("; give --axes if the axes were misread"
+                                                                if axes.lower() == "auto" else ""))
     return image
-
-
-def _open_tiff(path: Path, in_channels: int, axes: str) -> InputImage:
-    import zarr
-
-    try:
-        tif = tifffile.TiffFile(path)
-        series = tif.series[0]
-        array = zarr.open(series.aszarr(), mode="r")
-    except Exception as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    layout = frame_layout(path, tuple(series.shape), str(series.axes), in_channels, axes)
-    letters = layout.axes
-    if axes == "auto" and len(letters) == len(series.axes):  # keep Z (a z-stack) apart from T (time)
-        letters = "".join("Z" if a == "T" and b == "Z" else a for a, b in zip(letters, str(series.axes).upper()))
-    return InputImage(path, letters, tuple(series.shape), np.dtype(series.dtype), _ome_pixel_size(tif),
-                      array, tif.close)
-
-
-def _ome_pixel_size(tif: tifffile.TiffFile) -> dict[str, tuple[float, str]]:
-    if not tif.ome_metadata:
-        return {}
-    pixels = next((e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
-    out = {}
-    for letter in "XYZ" if pixels is not None else "":
-        value = pixels.get(f"PhysicalSize{letter}")
-        if value is not None:
-            unit = pixels.get(f"PhysicalSize{letter}Unit", "µm")
-            out[letter] = (float(value), "micrometer" if unit in ("µm", "um") else unit)
-    return out
-
-
-def _open_zarr(path: Path) -> InputImage:
-    import zarr
-
-    try:
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
-        meta = attrs.get("ome", attrs)["multiscales"][0]
-        names = [a["name"].upper() if isinstance(a, dict) else a.upper() for a in meta["axes"]]
-        level0 = meta["datasets"][0]
-        array = group[level0["path"]]
-    except Exception as exc:
-        raise DataError(f"{path}: not an OME-Zarr image this version can read ({exc})") from exc
-    scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t["type"] == "scale"), None)
-    units = {a["name"].upper(): a.get("unit", "") for a in meta["axes"] if isinstance(a, dict)}
-    pixel_size = ({a: (float(s), units.get(a, "")) for a, s in zip(names, scale) if a in "XYZ"} if scale else {})
-    return InputImage(path, "".join(names), tuple(array.shape), np.dtype(array.dtype), pixel_size, array)
-
