@@ -1,7 +1,7 @@
 """Prediction in 2 real gloo processes: units split between the ranks, each output finished once, equal to 1 process.
 
 Three runs share one process group: 5 images dealt whole to the ranks (tiled OME-TIFF outputs);
-one image split into bands of chunk rows whose chunks both ranks write into the same OME-Zarr
+one image split into column blocks and bands of chunk rows whose chunks both ranks write into the same OME-Zarr
 stores; and a 5-frame stack (OME-Zarr, frames split between the ranks).
 """
 
@@ -40,7 +40,7 @@ def _inputs(root: Path) -> dict[str, list[str]]:
         folder.mkdir(parents=True)
     for i, shape in enumerate([(40, 50), (64, 64), (33, 90), (50, 41), (70, 30)]):
         tifffile.imwrite(folders["five"] / f"img_{i}.tif", noise(*shape))
-    tifffile.imwrite(folders["huge"] / "field.ome.tif", noise(150, 120), tile=(32, 32), ome=True,
+    tifffile.imwrite(folders["huge"] / "field.ome.tif", noise(150, 300), tile=(32, 32), ome=True,
                      metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
     tifffile.imwrite(folders["stack"] / "movie.tif", noise(5, 40, 40), photometric="minisblack")
     return {case: [str(folder)] for case, folder in folders.items()}

@@ -37,8 +37,9 @@ def test_huge_image_is_split_into_bands_and_runs_group_consecutive_rows() -> Non
     assert {u.file for u in share[0]} == {0} and share[1][0].file == 0, "both ranks get rows of the huge image"
     groups = runs(share[1])
     assert [[(u.file, u.row) for u in g] for g in groups] == [[(0, r) for r in range(10, 20)], [(1, 0)]]
-    assert runs([Unit(0, 0, 0, 1), Unit(0, 0, 2, 1), Unit(0, 1, 3, 1), Unit(0, 1, 4, 1)]) == [
-        [Unit(0, 0, 0, 1)], [Unit(0, 0, 2, 1)], [Unit(0, 1, 3, 1), Unit(0, 1, 4, 1)]], "gaps and frames split runs"
+    assert runs([Unit(0, 0, 0, 1), Unit(0, 0, 2, 1), Unit(0, 1, 3, 1), Unit(0, 1, 4, 1), Unit(0, 1, 5, 1, col=1)]) == [
+        [Unit(0, 0, 0, 1)], [Unit(0, 0, 2, 1)], [Unit(0, 1, 3, 1), Unit(0, 1, 4, 1)], [Unit(0, 1, 5, 1, col=1)]
+    ], "gaps, frames and column blocks split runs"
 
 
 def test_owners_and_errors() -> None:

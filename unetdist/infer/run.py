@@ -30,7 +30,8 @@ from unetdist.infer.plan import Unit, owner, runs, split_units
 from unetdist.infer.predict import PredictOptions, SlidingWindowPredictor
 from unetdist.infer.source import InputImage, open_input
 from unetdist.infer.store import OutputSpec, WorkStore, finish, fingerprint, output_name
-from unetdist.infer.stream import stream_logits, window_rows_for
+from unetdist.infer.stream import stream_logits
+from unetdist.infer.windows import touching
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
 
@@ -56,9 +57,8 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
     agreed = _agreed_inputs(env, inputs, info.in_channels, out_dir, axes, outputs, model_id, run_options)
     images = [open_input(path, info.in_channels, axes) for path, _ in agreed]
     stores = [WorkStore(out_dir, image, outputs, predictor.num_classes) for image in images]
-    todo = [Unit(i, f, r, _cost(predictor, image, outputs.chunk, r))
-            for i, ((_, done), image) in enumerate(zip(agreed, images))
-            for f, r in stores[i].units if (f, r) not in done]
+    todo = [Unit(i, f, r, _cost(predictor, stores[i], r, c), c)
+            for i, (_, done) in enumerate(agreed) for f, r, c in stores[i].units if (f, r, c) not in done]
     mine = split_units(todo, env.world_size)[env.rank]
     desc = "predict" if env.world_size == 1 else f"predict, rank 0 of {env.world_size}"
     bar = tqdm(total=sum(u.cost for u in mine), unit="window", desc=desc, disable=not env.is_main,
@@ -87,7 +87,7 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
 
 
 def _agreed_inputs(env: DistEnv, inputs: list[str], in_channels: int, out_dir: Path, axes: str, outputs: OutputSpec,
-                   model_id: dict, run_options: dict) -> list[tuple[Path, set[tuple[int, int]]]]:
+                   model_id: dict, run_options: dict) -> list[tuple[Path, set[tuple[int, int, int]]]]:
     """Rank 0 checks inputs and outputs and prepares the work stores; every rank gets (path, units done) or the error."""
     result: Any = None
     if env.is_main:
@@ -102,7 +102,7 @@ def _agreed_inputs(env: DistEnv, inputs: list[str], in_channels: int, out_dir: P
 
 
 def _prepare(inputs: list[str], in_channels: int, out_dir: Path, axes: str, outputs: OutputSpec, model_id: dict,
-             run_options: dict) -> list[tuple[Path, set[tuple[int, int]]]]:
+             run_options: dict) -> list[tuple[Path, set[tuple[int, int, int]]]]:
     paths = expand_inputs(inputs)
     names: dict[str, Path] = {}
     for path in paths:
@@ -124,33 +124,36 @@ def _prepare(inputs: list[str], in_channels: int, out_dir: Path, axes: str, outp
     return result
 
 
-def _cost(predictor: SlidingWindowPredictor, image: InputImage, chunk: int, row: int) -> int:
+def _cost(predictor: SlidingWindowPredictor, store: WorkStore, row: int, col: int) -> int:
     """Windows a unit streams when predicted alone."""
+    image, chunk = store.image, store.spec.chunk
     grid = predictor.grid(image.height, image.width)
-    lo, hi = window_rows_for(predictor, image.height, image.width, row * chunk, min((row + 1) * chunk, image.height))
-    return (hi - lo) * len(grid.xs)
+    rows = touching(grid.ys, grid.h, row * chunk, min((row + 1) * chunk, image.height))
+    cols = touching(grid.xs, grid.w, *store.columns(col))
+    return (rows[1] - rows[0]) * (cols[1] - cols[0])
 
 
 def _predict_run(predictor: SlidingWindowPredictor, image: InputImage, store: WorkStore, group: list[Unit],
                  progress: Any) -> None:
-    """Stream consecutive chunk rows of one frame and write each as soon as its rows are complete.
+    """Stream consecutive chunk rows of one column block of a frame; write each unit once its rows are complete.
 
-    Blocks are turned into labels (and probabilities) as they arrive, so only one chunk row of
-    outputs (uint8 labels: chunk x width bytes) waits to be written, never a chunk row of logits.
+    Blocks are turned into labels (and probabilities) as they arrive, so only one unit of outputs
+    (uint8 labels: chunk x block width bytes) waits to be written, never a unit of logits.
     """
     chunk = store.spec.chunk
     y0, y1 = group[0].row * chunk, min((group[-1].row + 1) * chunk, image.height)
     pending: list[dict[str, np.ndarray]] = []
     row, filled = group[0].row, 0
-    for _, logits in stream_logits(predictor, image.frame(group[0].frame), y0, y1, progress):
+    frame, col = group[0].frame, group[0].col
+    for _, logits in stream_logits(predictor, image.frame(frame), y0, y1, progress, store.columns(col)):
         while logits.shape[1]:
             size = min((row + 1) * chunk, image.height) - row * chunk
             part, logits = logits[:, :size - filled], logits[:, size - filled:]
             pending.append(store.outputs_of(part))
             filled += part.shape[1]
             if filled == size:
-                store.write_unit(group[0].frame, row, {k: np.concatenate([p[k] for p in pending], axis=-2)
-                                                       for k in pending[0]})
+                store.write_unit(frame, row, col, {k: np.concatenate([p[k] for p in pending], axis=-2)
+                                                   for k in pending[0]})
                 pending, row, filled = [], row + 1, 0
 
 
@@ -158,7 +161,7 @@ def _summary(info: Any, options: PredictOptions, outputs: OutputSpec, stores: li
              env: DistEnv, seconds: float) -> dict[str, Any]:
     megapixels = sum(s.image.frames * s.image.height * s.image.width for s in stores) / 1e6
     share = split_units(todo, env.world_size)
-    rank_of = {(u.file, u.frame, u.row): r for r, units in enumerate(share) for u in units}
+    rank_of = {(u.file, u.frame, u.row, u.col): r for r, units in enumerate(share) for u in units}
     return {
         "model": {"path": str(info.path), "kind": info.kind, "step": info.step, "hparams": info.hparams},
         "options": {**asdict(options), "margin": options.resolved_margin},

@@ -33,6 +33,7 @@ FORMATS = ("auto", "zarr", "tiff")
 PROB_DTYPES = ("float32", "uint8")
 NGFF_VERSIONS = ("0.4", "0.5")
 TIFF_TILE = 256
+BLOCK_CHUNKS = 4  # a column block is this many chunks wide: a 1024 px chunk streams 4096 px wide bands
 _BIGTIFF_BYTES = 2**31 - 2**25  # leave room for the tags and offsets of a classic TIFF
 _UNITS = {"T": "second", "Z": "micrometer", "Y": "micrometer", "X": "micrometer"}
 
@@ -110,15 +111,22 @@ class WorkStore:
         self.root = out_dir / f".{self.name}.predicting"
         self.fmt = spec.format_for(image)
         self.rows = -(-image.height // spec.chunk)
+        self.block = spec.chunk * BLOCK_CHUNKS
+        self.cols = -(-image.width // self.block)
 
     @property
-    def units(self) -> list[tuple[int, int]]:
-        return [(f, r) for f in range(self.image.frames) for r in range(self.rows)]
+    def units(self) -> list[tuple[int, int, int]]:
+        """(frame, chunk row, column block) of every unit, in the plan's order."""
+        return [(f, r, c) for f in range(self.image.frames) for c in range(self.cols) for r in range(self.rows)]
+
+    def columns(self, col: int) -> tuple[int, int]:
+        """Image columns [x0, x1) of column block `col`."""
+        return col * self.block, min((col + 1) * self.block, self.image.width)
 
     def finals(self) -> list[Path]:
         return [final_path(self.out_dir, self.name, k, self.fmt) for k in self.spec.kinds]
 
-    def prepare(self, fingerprint: dict[str, Any]) -> set[tuple[int, int]]:
+    def prepare(self, fingerprint: dict[str, Any]) -> set[tuple[int, int, int]]:
         """Create the work folder or check the one a killed run left; returns the units already done (rank 0)."""
         existing = [p for p in self.finals() if p.exists()]
         if existing and not self.spec.overwrite:
@@ -138,11 +146,11 @@ class WorkStore:
         record.write_text(json.dumps(fingerprint, indent=1))
         return set()
 
-    def done(self) -> set[tuple[int, int]]:
+    def done(self) -> set[tuple[int, int, int]]:
         found = set()
         for p in (self.root / "done").iterdir():
-            frame, row = p.name.split("_")
-            found.add((int(frame), int(row)))
+            frame, row, col = p.name.split("_")
+            found.add((int(frame), int(row), int(col)))
         return found
 
     def _dtype(self, kind: str) -> np.dtype:
@@ -180,18 +188,19 @@ class WorkStore:
             out["probs"] = np.rint(probs * 255.0).astype(np.uint8) if self.spec.prob_dtype == "uint8" else probs
         return out
 
-    def write_unit(self, frame: int, row: int, outputs: dict[str, np.ndarray]) -> None:
+    def write_unit(self, frame: int, row: int, col: int, outputs: dict[str, np.ndarray]) -> None:
         """Write one unit's outputs (from `outputs_of`), then its completion record."""
         index = dict(zip(self.image.frame_axes, self.image.frame_index(frame)))
         y0 = row * self.spec.chunk
+        cols = slice(*self.columns(col))
         for kind, block in outputs.items():
             rows = slice(y0, y0 + block.shape[-2])
-            self.array(kind)[_key(output_axes(self.image, kind), index, rows)] = block
-        (self.root / "done" / f"{frame}_{row}").touch()
+            self.array(kind)[_key(output_axes(self.image, kind), index, rows, cols)] = block
+        (self.root / "done" / f"{frame}_{row}_{col}").touch()
 
 
-def _key(axes: str, index: dict[str, int], rows: slice) -> tuple:
-    return tuple(index[a] if a in index else rows if a == "Y" else slice(None) for a in axes)
+def _key(axes: str, index: dict[str, int], rows: slice, cols: slice = slice(None)) -> tuple:
+    return tuple(index[a] if a in index else rows if a == "Y" else cols if a == "X" else slice(None) for a in axes)
 
 
 def finish(store: WorkStore, instances: Any = None) -> list[Path]:
