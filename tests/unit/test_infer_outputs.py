@@ -146,3 +146,16 @@ def test_evaluate_checks_label_shapes_before_predicting(tmp_path: Path, model: P
                str(tmp_path / "lbl.tif"), "--out", str(tmp_path / "eval")])
     assert rc == 2 and f"{tmp_path / 'lbl.tif'} is 50 x 40 but its image" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists(), "nothing predicted"
+
+
+def test_evaluate_reads_zarr_predictions(tmp_path: Path, model: Path) -> None:
+    from unetdist.infer.report import EvalOptions, evaluate_files
+
+    tifffile.imwrite(tmp_path / "img.tif", _image((60, 70)))
+    _predict(model, [tmp_path / "img.tif"], tmp_path / "zarr", format="zarr")
+    _predict(model, [tmp_path / "img.tif"], tmp_path / "tif", format="tiff")
+    labels = tmp_path / "tif" / "img_labels.tif"  # the prediction itself as the truth: everything matches
+    for pred in (tmp_path / "zarr" / "img_labels.zarr", labels):
+        metrics = evaluate_files([pred], [labels], tmp_path / "eval", EvalOptions(num_classes=3, overlays=0))
+        assert metrics["pooled"]["iou"]["class_0"] == 1.0
+        assert all(v["f1"] == 1.0 for v in metrics["pooled"]["instances_by_iou"].values())

@@ -20,6 +20,7 @@ import numpy as np
 from unetdist.data.errors import DataError
 from unetdist.data.inputs import array_header, image_axes, load_array, read_label
 from unetdist.data.labels import to_classes, to_instances
+from unetdist.data.readers import open_image
 from unetdist.infer.evaluate import (IOU_THRESHOLD, THRESHOLDS, InstanceCounts, class_scores, confusion,
                                     match_thresholds)
 from unetdist.infer.instances import label_instances
@@ -72,8 +73,9 @@ def _by_iou(counts: dict[float, InstanceCounts]) -> dict[str, Any]:
 
 
 def _prediction(path: Path, num_classes: int) -> np.ndarray:
-    """A predicted label image as T x H x W class indices."""
-    array = np.asarray(load_array(path))
+    """A predicted label image (TIFF, OME-Zarr, ...) as T x H x W class indices."""
+    with open_image(path) as source:
+        array = np.asarray(source.array[...])
     frames = array[None] if array.ndim == 2 else array
     if frames.ndim != 3:
         raise DataError(f"{path}: predicted label image of shape {array.shape} is neither H x W nor T x H x W")
