@@ -236,14 +236,16 @@ def _write_instances(store: WorkStore, label_instances: Any) -> None:
 
 
 def _pyramid(store: WorkStore, kind: str) -> int:
-    """Levels 1.. of a label-like array by taking every second pixel (labels must not be averaged)."""
+    """Levels 1.. of a label-like array by taking every second pixel (labels must not be averaged), block by block."""
     level, base = 0, store.array(kind)
+    step_y, step_x = 2 * store.spec.chunk, 2 * store.block
     while max(base.shape[-2:]) > store.spec.chunk:
         shape = base.shape[:-2] + tuple(-(-n // 2) for n in base.shape[-2:])
         nxt = store._create(kind, level + 1, shape)
-        step = 2 * store.spec.chunk
-        for y in range(0, base.shape[-2], step):
-            nxt[..., y // 2:(y + step) // 2, :] = np.asarray(base[..., y:y + step, :])[..., ::2, ::2]
+        for y in range(0, base.shape[-2], step_y):
+            for x in range(0, base.shape[-1], step_x):
+                block = np.asarray(base[..., y:y + step_y, x:x + step_x])[..., ::2, ::2]
+                nxt[..., y // 2:y // 2 + block.shape[-2], x // 2:x // 2 + block.shape[-1]] = block
         level, base = level + 1, nxt
     return level + 1
 
