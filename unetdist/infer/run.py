@@ -55,8 +55,7 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
     model_id = {"path": str(info.path), "step": info.step, "hparams": info.hparams}
     run_options = {**asdict(options), "margin": options.resolved_margin, "batch_size": None}
     agreed = _agreed_inputs(env, inputs, info.in_channels, out_dir, axes, outputs, model_id, run_options)
-    images = [open_input(path, info.in_channels, axes) for path, _ in agreed]
-    stores = [WorkStore(out_dir, image, outputs, predictor.num_classes) for image in images]
+    stores = [_store(path, info.in_channels, axes, out_dir, outputs, predictor.num_classes) for path, _ in agreed]
     todo = [Unit(i, f, r, _cost(predictor, stores[i], r, c), c)
             for i, (_, done) in enumerate(agreed) for f, r, c in stores[i].units if (f, r, c) not in done]
     mine = split_units(todo, env.world_size)[env.rank]
@@ -66,7 +65,8 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
     start = time.perf_counter()
     try:
         for group in runs(mine):
-            _predict_run(predictor, images[group[0].file], stores[group[0].file], group, bar.update)
+            with open_input(agreed[group[0].file][0], info.in_channels, axes) as image:  # one file open at a time
+                _predict_run(predictor, image, stores[group[0].file], group, bar.update)
     finally:
         bar.close()
     barrier(env)
@@ -74,8 +74,6 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
                                   interior_class=interior_class, min_size=min_size)
     written = [p for i, store in enumerate(stores) if owner(i, env.world_size) == env.rank
                for p in finish(store, instances)]
-    for image in images:
-        image.close()
     barrier(env)
     seconds = time.perf_counter() - start
     summary = _summary(info, options, outputs, stores, todo, env, seconds)
@@ -122,6 +120,12 @@ def _prepare(inputs: list[str], in_channels: int, out_dir: Path, axes: str, outp
                      len(store.units))
         result.append((path, done))
     return result
+
+
+def _store(path: Path, in_channels: int, axes: str, out_dir: Path, outputs: OutputSpec, classes: int) -> WorkStore:
+    """The work store of one input (its geometry and pixel size are read, and the file closed again)."""
+    with open_input(path, in_channels, axes) as image:
+        return WorkStore(out_dir, image, outputs, classes)
 
 
 def _cost(predictor: SlidingWindowPredictor, store: WorkStore, row: int, col: int) -> int:
