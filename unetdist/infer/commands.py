@@ -31,7 +31,7 @@ def _window_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--tta", action="store_true", help="average over the 4 flips (4x the compute)")
-    g.add_argument("--axes", default="auto", help="image axes over T, C, Y, X, e.g. TCYX (default: auto, as "
+    g.add_argument("--axes", default="auto", help="stored image axes over T, C, Z, Y, X, e.g. TZCYX (default: auto, as "
                                                   "`unetdist shard` reads them)")
     g.add_argument("--interior-class", type=int, default=None,
                    help="class whose connected components seed instances (default: 1 of 2 classes, 2 of 3)")
