@@ -137,14 +137,16 @@ def _checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_row(row: dict[str, Any]) -> str:
     return (f"{row['side']:>6} x {row['side']:<6} {row['ranks']:>2} rank(s)  {row['format']:<4}  "
-            f"{row['megapixels_per_s']:8.3f} MP/s  {row['seconds_total']:8.1f} s  peak RSS {row['peak_rss_mb']:7.1f} MB")
+            f"{row['megapixels_per_s']:8.3f} MP/s  {row['seconds_total']:8.1f} s  "
+            f"peak RSS {row['peak_rss_mb']:7.1f} MB")
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = ["  image            ranks   fmt   speed          wall time   peak RSS (largest process)"]
     lines += [format_row(r) for r in report["rows"]]
     c = report["checks"]
-    lines.append(f"peak RSS {c['max_peak_rss_mb']:.0f} MB (limit {RSS_LIMIT_MB:.0f}): {'ok' if c['rss_ok'] else 'OVER'}")
+    verdict = "ok" if c["rss_ok"] else "OVER"
+    lines.append(f"peak RSS {c['max_peak_rss_mb']:.0f} MB (limit {RSS_LIMIT_MB:.0f}): {verdict}")
     for key, value in c.items():
         if key.startswith("growth_") and key.endswith("_ranks"):
             lines.append(f"RSS growth smallest -> largest, {key.split('_')[1]} rank(s): {100 * value:.1f}% "

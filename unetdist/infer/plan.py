@@ -5,7 +5,8 @@ no communication, and every unit must be predicted by exactly one rank. Units ar
 (file, frame, column block, chunk row) and each rank gets one contiguous run of them whose cost (windows) is
 about a 1/world share: a huge image is split into bands of chunk rows, many small images are dealt
 whole, and a rank streams its consecutive rows of a frame in one pass (no window predicted twice
-inside a run: it streams down one column block). Each file is finished (pyramid, metadata, TIFF export) by rank `index % world`.
+inside a run: it streams down one column block). Each file is finished (pyramid, metadata, TIFF
+export) by rank `index % world`.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
 
 def _agreed_inputs(env: DistEnv, inputs: list[str], in_channels: int, out_dir: Path, axes: str, outputs: OutputSpec,
                    model_id: dict, run_options: dict) -> list[tuple[Path, set[tuple[int, int, int]]]]:
-    """Rank 0 checks inputs and outputs and prepares the work stores; every rank gets (path, units done) or the error."""
+    """Rank 0 checks inputs and outputs and prepares the work stores; every rank gets (path, units done) or the
+    error."""
     result: Any = None
     if env.is_main:
         try:
