@@ -49,6 +49,9 @@ def test_kill_and_resume_equals_unbroken(tmp_path: Path) -> None:
     finished = len(list(done.iterdir()))
     assert 5 <= finished < 50, f"killed after {finished} of 50 units: the test must kill it half-way"
 
+    other = run_cmd([*_command(model, image, out), "--tile", "64"], env={"OMP_NUM_THREADS": "1"})
+    assert other.returncode == 2 and "holds a partial prediction with other settings" in other.stderr
+    assert len(list(done.iterdir())) == finished, "a refused run leaves the partial work alone"
     resumed = run_cmd(_command(model, image, out), env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"continuing a partial prediction, {finished} of 50 units already done" in resumed.stderr

@@ -127,17 +127,19 @@ class WorkStore:
         return [final_path(self.out_dir, self.name, k, self.fmt) for k in self.spec.kinds]
 
     def prepare(self, fingerprint: dict[str, Any]) -> set[tuple[int, int, int]]:
-        """Create the work folder or check the one a killed run left; returns the units already done (rank 0)."""
+        """Create the work folder, or check the one a killed run left and return the units it finished (rank 0).
+
+        With `overwrite` a partial prediction is thrown away and started afresh.
+        """
         existing = [p for p in self.finals() if p.exists()]
         if existing and not self.spec.overwrite:
             raise DataError(f"{existing[0]} exists; pass --overwrite to replace it, or predict into another --out")
         record = self.root / "run.json"
-        if self.root.exists() and record.exists():
+        if self.root.exists() and record.exists() and not self.spec.overwrite:
             if json.loads(record.read_text()) == fingerprint:
                 return self.done()
-            if not self.spec.overwrite:
-                raise DataError(f"{self.root} holds a partial prediction with other settings (model, options or "
-                                "input changed); pass --overwrite to start it afresh, or predict into another --out")
+            raise DataError(f"{self.root} holds a partial prediction with other settings (model, options or "
+                            "input changed); pass --overwrite to start it afresh, or predict into another --out")
         if self.root.exists():
             shutil.rmtree(self.root)
         (self.root / "done").mkdir(parents=True)
