@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "apply_activation_checkpointing"]
+__all__ = ["__version__", "apply_activation_checkpointing", "load_model", "predict_image"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from unetdist.parallel.checkpointing import apply_activation_checkpointing
 
         return apply_activation_checkpointing
+    if name in ("load_model", "predict_image"):
+        from unetdist.infer import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'unetdist' has no attribute {name!r}")

@@ -45,7 +45,7 @@ def test_train_predict_on_two_processes_then_evaluate(tmp_path: Path, tiny_data:
     assert "rank 1 of 2" not in log and "\r" not in log, "one progress, on rank 0, as log lines (no bar in a pipe)"
     summary = json.loads((two / "predict.json").read_text())
     assert summary["world_size"] == 2 and summary["model"]["step"] == 4 and summary["megapixels_per_s"] > 0
-    assert {f["rank"] for f in summary["files"]} == {0, 1}
+    assert {f["owner"] for f in summary["files"]} == {0, 1}
     for image in images:
         shape = tifffile.imread(image).shape
         assert tifffile.imread(two / f"{image.stem}_labels.tif").shape == shape

@@ -115,3 +115,28 @@ def test_evaluate_rejects_mismatched_files(tmp_path: Path) -> None:
         evaluate_files([pred], [label], tmp_path / "e", EvalOptions())
     with pytest.raises(ValueError, match="counts must be equal"):
         evaluate_files([pred, pred], [label], tmp_path / "e", EvalOptions())
+
+
+def test_training_labels_and_predictions_share_one_instance_rule() -> None:
+    from unetdist.data.labels import to_instances
+    from unetdist.data.synth import synth_image
+
+    _, ids = synth_image(seed=3, index=1, height=120, width=120)
+    three = instances_to_labels(ids, boundary=True)
+    three[5, 5:8] = 1  # a boundary-only piece with no interior: its own object on both sides
+    assert np.array_equal(to_instances(three, three, "classes", 3), label_instances(three, 3))
+    two = (ids > 0).astype(np.uint8)
+    assert np.array_equal(to_instances(two, two, "classes", 2), label_instances(two, 2))
+
+
+def test_interior_probability_moves_the_split_between_touching_nuclei() -> None:
+    labels = np.zeros((5, 12), np.uint8)
+    labels[1:4, 1:11] = 1
+    labels[2, 2], labels[2, 9] = 2, 2  # two seeds joined by boundary pixels
+    prob = np.zeros(labels.shape, np.float32)
+    prob[2, 2:9] = np.linspace(0.9, 0.1, 7)  # the left nucleus's interior reaches far to the right
+    by_distance = label_instances(labels, 3)
+    by_prob = label_instances(labels, 3, interior_prob=prob)
+    assert by_distance.max() == by_prob.max() == 2
+    assert by_distance[2, 7] == by_distance[2, 9], "nearest seed: column 7 is the right one's"
+    assert by_prob[2, 7] == by_prob[2, 2], "following the probability: column 7 is the left one's"

@@ -95,3 +95,25 @@ def test_pooled_counts_add_up() -> None:
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="differs"):
         confusion(np.zeros((2, 2), int), np.zeros((2, 3), int), 2)
+
+
+def test_optimal_matching_where_greedy_is_not_exact() -> None:
+    """Below IoU 0.5 one object can overlap two: the best pair first (greedy) leaves one unmatched."""
+    true, pred = np.zeros((1, 30), np.int32), np.zeros((1, 30), np.int32)
+    true[0, :10], true[0, 10:20] = 1, 2
+    pred[0, :3], pred[0, 3:16] = 1, 2  # IoUs: (1,1) 0.30, (1,2) 0.44, (2,2) 0.35
+    counts = match_instances(true, pred, threshold=0.3)
+    assert (counts.tp, counts.fp, counts.fn) == (2, 0, 0), "greedy would match (1,2) only"
+    assert sorted(round(v, 2) for v in counts.matched_iou) == [0.3, 0.35]
+
+
+def test_scores_at_every_threshold() -> None:
+    from unetdist.infer.evaluate import THRESHOLDS, match_thresholds
+
+    true, pred = np.zeros((1, 40), np.int32), np.zeros((1, 40), np.int32)
+    true[0, :10], true[0, 20:30] = 1, 2
+    pred[0, :10], pred[0, 22:30], pred[0, 35:38] = 1, 2, 3  # IoU 1.0, 0.8 and a false positive
+    by = match_thresholds(true, pred)
+    assert [by[t].tp for t in THRESHOLDS] == [2, 2, 2, 2, 1]
+    assert by[0.9].scores()["ap"] == pytest.approx(1 / 4) and by[0.5].scores()["ap"] == pytest.approx(2 / 3)
+    assert by[0.5].scores()["precision"] == pytest.approx(2 / 3) and by[0.9].scores()["recall"] == 0.5

@@ -15,7 +15,8 @@ from PIL import Image
 from unetdist.parallel.env import DistEnv
 from unetdist.infer.model_file import model_file_state
 from unetdist.infer.predict import PredictOptions
-from unetdist.infer.run import OutputOptions, predict_files
+from unetdist.infer.run import predict_files
+from unetdist.infer.store import OutputSpec
 from unetdist.model import UNet
 
 ALONE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
@@ -44,7 +45,7 @@ def one_channel_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _predict(model: Path, inputs: list[Path], out: Path, **kwargs: object) -> dict:
     options = PredictOptions(tile=32, overlap=8, batch_size=3)
-    outputs = OutputOptions(probabilities=True, prob_dtype="float32", instances=True)
+    outputs = OutputSpec(probabilities=True, prob_dtype="float32", instances=True, chunk=32)
     return predict_files(model, [str(p) for p in inputs], out, options, outputs, ALONE, **kwargs)
 
 
@@ -78,7 +79,7 @@ def test_odd_small_tiny_sizes_and_formats(tmp_path: Path, one_channel_model: Pat
         assert np.array_equal(probs.argmax(0), labels)
         assert instances.shape == shape and instances.dtype == np.uint16
     assert sorted(summary["written"]) == sorted(str(p) for p in out.glob("*.tif"))
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*")), "no temporary files or work folders left"
     saved = json.loads((out / "predict.json").read_text())
     assert saved["megapixels"] == pytest.approx(sum(np.prod(s) for _, s in images.values()) / 1e6)
     assert saved["options"]["margin"] == 2 and saved["megapixels_per_s"] > 0
@@ -119,5 +120,5 @@ def test_same_stem_twice_is_an_error(tmp_path: Path, one_channel_model: Path) ->
     (tmp_path / "b").mkdir()
     for folder in ("a", "b"):
         tifffile.imwrite(tmp_path / folder / "img.tif", _noise((20, 20)))
-    with pytest.raises(ValueError, match="would both write img_labels.tif"):
+    with pytest.raises(ValueError, match="would both write img_labels"):
         _predict(one_channel_model, [tmp_path / "a" / "img.tif", tmp_path / "b" / "img.tif"], tmp_path / "out")

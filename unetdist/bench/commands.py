@@ -107,6 +107,24 @@ def _loader(args: argparse.Namespace) -> int:
     return run_loader_bench(args)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from unetdist.bench.predict import format_table, run_predict_bench
+
+    report = run_predict_bench(args)
+    print(format_table(report))
+    print(f"\nwrote {Path(args.out) / 'bench_predict.json'}")
+    checks = report["checks"]
+    return 0 if all(v for k, v in checks.items() if k.endswith("_ok")) else 1
+
+
+def _register_predict(sub: Any) -> None:
+    from unetdist.bench.predict import add_arguments
+
+    p = sub.add_parser("predict", help="peak RSS and megapixels/s of whole-slide prediction, 1 and N ranks")
+    add_arguments(p)
+    p.set_defaults(func=_predict)
+
+
 def _shard(args: argparse.Namespace) -> int:
     from unetdist.bench.shard import run_shard_bench
 
@@ -119,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Without a subcommand: the same as `unetdist bench train`.")
     _train_arguments(p)
     p.set_defaults(func=_bench)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{train,smoke,loader,shard}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{train,smoke,loader,shard,predict}")
     train = bench_sub.add_parser("train", help="the training table (the default)")
     _train_arguments(train)
     train.set_defaults(func=_bench)
@@ -133,3 +151,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                "OME-TIFFs (5k and 20k pixels square)")
     add_shard_arguments(shard)
     shard.set_defaults(func=_shard)
+    _register_predict(bench_sub)

@@ -1,7 +1,9 @@
 """Sliding-window prediction of whole images and evaluation against label images.
 
 `load_model_file` (checkpoints, run folders, exported model files), `SlidingWindowPredictor`
-(one frame), `predict_files` (files, 1 process or torchrun), `evaluate_files` (metrics and reports).
+(one frame), `stream_logits` (a frame row block by row block), `predict_files` (files in, OME-TIFF or
+OME-Zarr out, 1 process or torchrun, resumable), `evaluate_files` (metrics and reports); the notebook
+API `load_model` / `predict_image` is re-exported by `unetdist` itself.
 Names resolve lazily so `unetdist --help` does not import torch.
 """
 
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PredictOptions", "SlidingWindowPredictor", "evaluate_files", "load_model_file", "predict_files"]
+__all__ = ["PredictOptions", "SlidingWindowPredictor", "evaluate_files", "load_model_file", "predict_files",
+           "stream_logits"]
 
 _WHERE = {
     "PredictOptions": "unetdist.infer.predict",
@@ -17,6 +20,7 @@ _WHERE = {
     "evaluate_files": "unetdist.infer.report",
     "load_model_file": "unetdist.infer.model_file",
     "predict_files": "unetdist.infer.run",
+    "stream_logits": "unetdist.infer.stream",
 }
 
 

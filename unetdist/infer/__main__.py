@@ -24,7 +24,8 @@ def predict_main(args: argparse.Namespace) -> int:
     options.validate()
     env = init_distributed()
     try:
-        predict_files(args.model, args.images, Path(args.out), options, outputs, env, args.axes)
+        predict_files(args.model, args.images, Path(args.out), options, outputs, env, args.axes, args.interior_class,
+                      args.min_size)
     finally:
         destroy_distributed()
     return 0
@@ -57,15 +58,17 @@ def _predict_then_evaluate(args: argparse.Namespace, labels: list[Path], images:
                            out: Path) -> int:
     from dataclasses import replace
 
-    from unetdist.infer.report import evaluate_files
+    from unetdist.infer.report import check_shapes, evaluate_files
     from unetdist.infer.run import options_from_args, predict_files
 
+    check_shapes(images, labels, args.axes)  # before any prediction: a mismatch found afterwards wastes the run
     options, outputs = options_from_args(args)
     options.validate()
+    outputs = replace(outputs, format="tiff")  # evaluation reads whole label images
     env = init_distributed()
     try:
         summary = predict_files(args.model, [str(p) for p in images], out / "predictions", options, outputs, env,
-                                args.axes)
+                                args.axes, args.interior_class, args.min_size)
         if env.is_main:
             preds = [Path(f["labels"]) for f in summary["files"]]
             opts = replace(opts, num_classes=opts.num_classes or summary["model"]["hparams"]["num_classes"])

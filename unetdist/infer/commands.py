@@ -39,7 +39,7 @@ def _window_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="of the forward pass; auto: bf16 on GPUs with bf16 hardware (A100, H100, ...), else fp32")
     g.add_argument("--tta", action="store_true", help="average over the 4 flips (4x the compute)")
-    g.add_argument("--axes", default="auto", help="image axes over T, C, Y, X, e.g. TCYX (default: auto, as "
+    g.add_argument("--axes", default="auto", help="stored image axes over T, C, Z, Y, X, e.g. TZCYX (default: auto, as "
                                                   "`unetdist shard` reads them)")
     g.add_argument("--interior-class", type=int, default=None,
                    help="class whose connected components seed instances (default: 1 of 2 classes, 2 of 3)")
@@ -53,12 +53,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_option(p)
     p.add_argument("--images", nargs="+", help="image files, folders or quoted globs ('raw/img_*.tif') (required)")
     p.add_argument("legacy", nargs="*", help=argparse.SUPPRESS)
-    p.add_argument("--out", required=True, help="output folder: <name>_labels.tif [, _probs.tif, _instances.tif]")
+    p.add_argument("--out", required=True, help="output folder: <name>_labels.tif|.zarr [, _probs, _instances]")
     p.add_argument("--probabilities", action="store_true", help="also write softmax probabilities")
-    p.add_argument("--prob-dtype", choices=("float16", "float32"), default="float16",
-                   help="dtype of the probability files")
+    p.add_argument("--prob-dtype", choices=("float32", "uint8"), default="float32",
+                   help="float32, or uint8 scaled to 0..255")
     p.add_argument("--instances", action="store_true", help="also write instance ids (touching nuclei separated "
                                                             "when the model has a boundary class)")
+    g = p.add_argument_group("output files")
+    g.add_argument("--format", choices=("auto", "zarr", "tiff"), default="auto",
+                   help="OME-Zarr or tiled OME-TIFF; auto: zarr for frames above --zarr-above")
+    g.add_argument("--zarr-above", type=float, default=64.0, help="auto format threshold, megapixels per frame")
+    g.add_argument("--chunk", type=int, default=1024, help="chunk size in pixels: zarr chunks and the unit of "
+                                                          "work shared between ranks and resumed")
+    g.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4", help="OME-NGFF version of zarr outputs "
+                                                                         "(0.4: zarr v2, 0.5: zarr v3)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs and partial predictions")
     _window_options(p)
     p.set_defaults(func=_predict)
 
@@ -78,4 +87,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iou-threshold", type=float, default=0.5, help="object match threshold")
     p.add_argument("--overlays", type=int, default=4, help="overlay pictures for the images with the lowest F1")
     _window_options(p)
-    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float16", instances=False, legacy=[])
+    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float32", instances=False, legacy=[], format="tiff",
+                   zarr_above=64.0, chunk=1024, ngff="0.4", overwrite=True)

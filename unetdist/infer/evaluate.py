@@ -7,9 +7,12 @@ scores and pooled scores (from counts summed over images, not a mean of scores) 
 Conventions:
 - Dice = 2TP / (2TP + FP + FN), IoU = TP / (TP + FP + FN), per class; "foreground" treats every
   non-zero class as one.
-- Instances are matched one-to-one by maximum IoU: pairs with IoU >= the threshold (0.5) are
-  taken in order of decreasing IoU (at 0.5 a match is unique anyway, as in StarDist's
-  `matching`). Precision = TP / predicted objects, recall = TP / true objects, F1 = 2TP / (2TP + FP + FN).
+- Instances are matched one to one as StarDist's `matching` does: an optimal assignment
+  (Hungarian, `scipy.optimize.linear_sum_assignment`) that first maximises the number of pairs
+  with IoU >= the threshold, then their total IoU; at thresholds >= 0.5 a match is unique anyway,
+  below it greedy matching is not exact. Precision = TP / predicted objects, recall = TP / true
+  objects, F1 = 2TP / (2TP + FP + FN), AP (StarDist's "accuracy", the Data Science Bowl's
+  average precision at one threshold) = TP / (TP + FP + FN). `THRESHOLDS` are the IoUs reported.
 - A ratio with a zero denominator is 1 when there was nothing to find and nothing was found
   (an empty image predicted empty), and 0 otherwise.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 IOU_THRESHOLD = 0.5
+THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -73,6 +77,7 @@ class InstanceCounts:
             "precision": ratio(self.tp, self.tp + self.fp) if self.tp + self.fp else float(self.fn == 0),
             "recall": ratio(self.tp, self.tp + self.fn) if self.tp + self.fn else float(self.fp == 0),
             "f1": ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "ap": ratio(self.tp, self.tp + self.fp + self.fn),
             "mean_matched_iou": float(np.mean(self.matched_iou)) if self.matched_iou else 0.0,
         }
 
@@ -91,18 +96,32 @@ def iou_pairs(true_inst: np.ndarray, pred_inst: np.ndarray) -> tuple[np.ndarray,
 
 
 def match_instances(true_inst: np.ndarray, pred_inst: np.ndarray, threshold: float = IOU_THRESHOLD) -> InstanceCounts:
-    """One-to-one matching by maximum IoU (>= `threshold`) between two instance maps (0 = background)."""
+    """Optimal one-to-one matching (see the module conventions) between two instance maps (0 = background)."""
+    return match_thresholds(true_inst, pred_inst, (threshold,))[threshold]
+
+
+def match_thresholds(true_inst: np.ndarray, pred_inst: np.ndarray,
+                     thresholds: tuple[float, ...] = THRESHOLDS) -> dict[float, InstanceCounts]:
+    """`match_instances` at each threshold, from one computation of the overlaps."""
     n_true = np.unique(true_inst[true_inst > 0]).size
     n_pred = np.unique(pred_inst[pred_inst > 0]).size
     ti, pi, iou = iou_pairs(true_inst, pred_inst)
+    return {t: _assign(ti, pi, iou, t, n_true, n_pred) for t in thresholds}
+
+
+def _assign(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, threshold: float, n_true: int,
+            n_pred: int) -> InstanceCounts:
+    from scipy.optimize import linear_sum_assignment
+
     keep = iou >= threshold
-    order = np.argsort(-iou[keep], kind="stable")
-    used_t: set[int] = set()
-    used_p: set[int] = set()
-    matched: list[float] = []
-    for a, b, v in zip(ti[keep][order], pi[keep][order], iou[keep][order]):
-        if a not in used_t and b not in used_p:
-            used_t.add(int(a))
-            used_p.add(int(b))
-            matched.append(float(v))
+    ti, pi, iou = ti[keep], pi[keep], iou[keep]
+    if iou.size == 0:
+        return InstanceCounts(0, n_pred, n_true, [])
+    rows, row_of = np.unique(ti, return_inverse=True)
+    cols, col_of = np.unique(pi, return_inverse=True)
+    overlap = np.zeros((rows.size, cols.size))
+    overlap[row_of, col_of] = iou
+    cost = np.where(overlap > 0, -1.0 - overlap / 2.0, 0.0)  # first the number of matches, then their IoU
+    r, c = linear_sum_assignment(cost)
+    matched = [float(overlap[a, b]) for a, b in zip(r, c) if overlap[a, b] > 0]
     return InstanceCounts(len(matched), n_pred - len(matched), n_true - len(matched), matched)

@@ -1,4 +1,4 @@
-"""Input files as frames the model can take, and output files written once, completely or not at all.
+"""Input files as frames the model can take: expanding globs and folders, axes, whole-file reads.
 
 Why this module exists: prediction must know every input's geometry before reading its pixels
 (to share the work between ranks) and must map any of TIFF/PNG/npy, 2-D, multi-channel or a
@@ -8,8 +8,6 @@ prediction sees a file exactly as `unetdist shard` does. One addition: with auto
 model's channel count settles what the file leaves open: a 1-channel model reads a 3-D array
 without TIFF metadata (C x H x W by the rule) as a T x H x W stack, and a C-channel model reads
 a plain C-page TIFF (T x H x W by its metadata) as one C-channel image.
-
-Outputs have the input's geometry without channels: H x W for one frame, T x H x W for a stack.
 """
 
 from __future__ import annotations
@@ -21,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 from unetdist.data.errors import DataError
-from unetdist.data.inputs import SUFFIXES, array_header, as_frames, image_axes, load_array
-
-_BIGTIFF_BYTES = 2**31
+from unetdist.data.inputs import array_header, as_frames, image_axes, load_array
+from unetdist.data.readers import SUFFIXES as INPUT_SUFFIXES  # what open_image reads; .zarr is a folder
 
 
 @dataclass(frozen=True)
@@ -100,10 +96,10 @@ def expand_inputs(patterns: Iterable[str]) -> list[Path]:
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"no files match {pattern!r}")
-        elif os.path.isdir(pattern):
-            matches = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix.lower() in SUFFIXES)
+        elif os.path.isdir(pattern) and not pattern.rstrip("/").lower().endswith(".zarr"):
+            matches = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
             if not matches:
-                raise FileNotFoundError(f"{pattern}: folder holds no {'/'.join(SUFFIXES)} files")
+                raise FileNotFoundError(f"{pattern}: folder holds no {'/'.join(INPUT_SUFFIXES)} images")
         elif os.path.exists(pattern):
             matches = [pattern]
         else:
@@ -113,94 +109,3 @@ def expand_inputs(patterns: Iterable[str]) -> list[Path]:
     if not unique:
         raise FileNotFoundError("no input files given")
     return unique
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    """Where one input's outputs go: `<stem>_labels.tif`, `_probs.tif`, `_instances.tif`."""
-
-    labels: Path
-    probs: Path
-    instances: Path
-
-
-def output_paths(inputs: list[Path], out_dir: Path) -> list[OutputPaths]:
-    """Output names for every input; two inputs with the same file stem are an error naming both."""
-    seen: dict[str, Path] = {}
-    out = []
-    for path in inputs:
-        stem = path.stem
-        if stem in seen:
-            raise DataError(f"{seen[stem]} and {path} would both write {stem}_labels.tif; rename one or "
-                            "predict them into different folders")
-        seen[stem] = path
-        out.append(OutputPaths(*(out_dir / f"{stem}_{kind}.tif" for kind in ("labels", "probs", "instances"))))
-    return out
-
-
-class OutputWriter:
-    """Writes one input's outputs frame by frame; each file appears under its final name only when complete.
-
-    Probability maps (large) are streamed to disk frame by frame, uncompressed; label and
-    instance maps (small) are kept until `close` and written zlib-compressed, instances as
-    uint16 or, past 65,535 objects in a frame, uint32.
-    """
-
-    def __init__(self, paths: OutputPaths, layout: FrameLayout, num_classes: int, prob_dtype: str | None,
-                 instances: bool) -> None:
-        self.paths, self.layout = paths, layout
-        self.labels: list[np.ndarray] = []
-        self.instances: list[np.ndarray] | None = [] if instances else None
-        self.prob_dtype = np.dtype(prob_dtype) if prob_dtype else None
-        self._probs: tifffile.TiffWriter | None = None
-        if self.prob_dtype is not None:
-            size = layout.pixels * num_classes * self.prob_dtype.itemsize
-            paths.probs.parent.mkdir(parents=True, exist_ok=True)
-            self._probs = tifffile.TiffWriter(_tmp(paths.probs), bigtiff=size >= _BIGTIFF_BYTES)
-
-    def add(self, labels: np.ndarray, probs: np.ndarray | None = None, instances: np.ndarray | None = None) -> None:
-        """One frame: H x W class labels, K x H x W probabilities, H x W instance ids."""
-        self.labels.append(labels)
-        if self.instances is not None:
-            if instances is None:
-                raise ValueError("this writer was opened for instance maps; pass them")
-            self.instances.append(instances)
-        if self._probs is not None:
-            if probs is None:
-                raise ValueError("this writer was opened for probability maps; pass them")
-            self._probs.write(probs.astype(self.prob_dtype, copy=False), contiguous=True, photometric="minisblack")
-
-    def close(self) -> list[Path]:
-        """Finish every file and rename it into place; returns the files written."""
-        if len(self.labels) != self.layout.frames:
-            raise RuntimeError(f"{self.paths.labels}: {len(self.labels)} of {self.layout.frames} frames predicted")
-        written = [self._write(self.paths.labels, self.labels, np.uint8)]
-        if self.instances is not None:
-            top = max((int(i.max()) for i in self.instances if i.size), default=0)
-            written.append(self._write(self.paths.instances, self.instances,
-                                       np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32))
-        if self._probs is not None:
-            self._probs.close()
-            self._probs = None
-            os.replace(_tmp(self.paths.probs), self.paths.probs)
-            written.append(self.paths.probs)
-        return written
-
-    def abort(self) -> None:
-        if self._probs is not None:
-            self._probs.close()
-            self._probs = None
-        _tmp(self.paths.probs).unlink(missing_ok=True)
-
-    def _write(self, path: Path, frames: list[np.ndarray], dtype: type) -> Path:
-        array = np.stack(frames).astype(dtype, copy=False) if self.layout.stack else frames[0].astype(dtype, copy=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp(path)
-        tifffile.imwrite(tmp, array, photometric="minisblack", compression="zlib",
-                         bigtiff=array.nbytes >= _BIGTIFF_BYTES)
-        os.replace(tmp, path)
-        return path
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")

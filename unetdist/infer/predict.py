@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,12 +69,25 @@ class PredictOptions:
 
 @dataclass
 class Band:
-    """Weighted logit sums of image rows [y0, y1): `acc` is K x rows x W, `weight` rows x W (CPU float32)."""
+    """Weighted logit sums of image rows [y0, y1) and columns [x0, x0 + width): `acc` is K x rows x width,
+    `weight` rows x width (CPU float32)."""
 
     y0: int
     y1: int
     acc: torch.Tensor
     weight: torch.Tensor
+    x0: int = 0
+
+
+class _Columns:
+    """Columns [x0, x1) of a C x H x W frame, sliced lazily like the frame (`view[:, a:b]` reads only that)."""
+
+    def __init__(self, frame: Any, x0: int, x1: int) -> None:
+        self.frame, self.x0, self.x1 = frame, x0, x1
+        self.shape = (*frame.shape[:-1], x1 - x0)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return np.asarray(self.frame[(*key, slice(self.x0, self.x1))])
 
 
 class SlidingWindowPredictor:
@@ -111,29 +125,31 @@ class SlidingWindowPredictor:
         band = self.accumulate(frame, None, progress)
         return self.finalize(band.acc, band.weight, height, width)
 
-    def accumulate(self, frame: np.ndarray, rows: tuple[int, int] | None = None,
-                   progress: Callable[[int], None] | None = None) -> Band:
-        """Weighted sums over the windows of window rows `rows` (all by default) of a C x H x W frame."""
+    def accumulate(self, frame: Any, rows: tuple[int, int] | None = None,
+                   progress: Callable[[int], None] | None = None, cols: tuple[int, int] | None = None) -> Band:
+        """Weighted sums over the windows of window rows `rows` and columns `cols` (all by default) of a C x H x W
+        frame, reading only the pixels those windows cover."""
         height, width = frame.shape[-2:]
         grid = self.grid(height, width)
-        rows = rows or (0, grid.rows)
-        y0, y1 = grid.band(rows)
-        image = self._normalized(frame, y0, y1, grid)
-        acc = torch.zeros(self.num_classes, y1 - y0, grid.width)
-        weight = torch.zeros(y1 - y0, grid.width)
-        windows = grid.windows(rows)
+        rows, cols = rows or (0, grid.rows), cols or (0, len(grid.xs))
+        (y0, y1), (x0, x1) = grid.band(rows), grid.columns(cols)
+        image = self._normalized(_Columns(frame, x0, min(x1, width)), y0, y1, x1 - x0)
+        acc = torch.zeros(self.num_classes, y1 - y0, x1 - x0)
+        weight = torch.zeros(y1 - y0, x1 - x0)
+        windows = grid.windows(rows, cols)
         for start in range(0, len(windows), self.options.batch_size):
             batch = windows[start:start + self.options.batch_size]
-            tiles = np.stack([image[:, w.y - y0:w.y - y0 + w.h, w.x:w.x + w.w] for w in batch])
+            tiles = np.stack([image[:, w.y - y0:w.y - y0 + w.h, w.x - x0:w.x - x0 + w.w] for w in batch])
             logits = self._forward(torch.from_numpy(tiles))
             for window, out in zip(batch, logits):
                 wmap = self._weight(window, grid)
-                ys, xs = slice(window.y - y0, window.y - y0 + window.h), slice(window.x, window.x + window.w)
+                ys = slice(window.y - y0, window.y - y0 + window.h)
+                xs = slice(window.x - x0, window.x - x0 + window.w)
                 acc[:, ys, xs] += out * wmap
                 weight[ys, xs] += wmap
             if progress is not None:
                 progress(len(batch))
-        return Band(y0, y1, acc, weight)
+        return Band(y0, y1, acc, weight, x0)
 
     def finalize(self, acc: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Logits = acc / weight, cropped to the frame's `height` x `width`."""
@@ -148,11 +164,11 @@ class SlidingWindowPredictor:
             self._weights[key] = torch.from_numpy(edge_weight(*key[:2], o.blend, o.resolved_margin, key[2]).copy())
         return self._weights[key]
 
-    def _normalized(self, frame: np.ndarray, y0: int, y1: int, grid: WindowGrid) -> np.ndarray:
-        """float32 normalised rows [y0, y1) of the frame, padded to the grid's size if the frame is smaller."""
+    def _normalized(self, frame: Any, y0: int, y1: int, padded_width: int) -> np.ndarray:
+        """float32 normalised rows [y0, y1) of the frame, reflect-padded to `padded_width` if the frame is smaller."""
         height, width = frame.shape[-2:]
         part = normalize(frame[:, y0:min(y1, height)], self.stats)
-        pad_h, pad_w = (y1 - y0) - part.shape[-2], grid.width - width
+        pad_h, pad_w = (y1 - y0) - part.shape[-2], padded_width - width
         if pad_h or pad_w:
             part = np.pad(part, [(0, 0), (0, pad_h), (0, pad_w)], mode="reflect")
         return part

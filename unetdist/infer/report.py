@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from unetdist.data.errors import DataError
-from unetdist.data.inputs import array_header, load_array, read_label
+from unetdist.data.inputs import array_header, image_axes, load_array, read_label
 from unetdist.data.labels import to_classes, to_instances
-from unetdist.infer.evaluate import IOU_THRESHOLD, InstanceCounts, class_scores, confusion, match_instances
+from unetdist.data.readers import open_image
+from unetdist.infer.evaluate import (IOU_THRESHOLD, THRESHOLDS, InstanceCounts, class_scores, confusion,
+                                    match_thresholds)
 from unetdist.infer.instances import label_instances
 from unetdist.infer.io import frame_layout, read_frames
 from unetdist.infer.overlay import save_overlay
@@ -58,15 +60,22 @@ class ImageResult:
     conf: np.ndarray
     objects: InstanceCounts
     sample: tuple[np.ndarray, np.ndarray] | None  # true and predicted instances of frame 0, for the overlay
+    by_iou: dict[float, InstanceCounts]  # the same matching at each of THRESHOLDS
 
     def scores(self) -> dict[str, Any]:
         return {"name": self.name, "prediction": str(self.prediction), "label": str(self.label),
-                **class_scores(self.conf), "instances": self.objects.scores()}
+                **class_scores(self.conf), "instances": self.objects.scores(), **_by_iou(self.by_iou)}
+
+
+def _by_iou(counts: dict[float, InstanceCounts]) -> dict[str, Any]:
+    keys = ("tp", "fp", "fn", "precision", "recall", "f1", "ap")
+    return {"instances_by_iou": {f"{t:.1f}": {k: c.scores()[k] for k in keys} for t, c in counts.items()}}
 
 
 def _prediction(path: Path, num_classes: int) -> np.ndarray:
-    """A predicted label image as T x H x W class indices."""
-    array = np.asarray(load_array(path))
+    """A predicted label image (TIFF, OME-Zarr, ...) as T x H x W class indices."""
+    with open_image(path) as source:
+        array = np.asarray(source.array[...])
     frames = array[None] if array.ndim == 2 else array
     if frames.ndim != 3:
         raise DataError(f"{path}: predicted label image of shape {array.shape} is neither H x W nor T x H x W")
@@ -79,6 +88,7 @@ def evaluate_pair(pred_path: Path, label_path: Path, num_classes: int, opts: Eva
     raw = read_label(label_path, *pred.shape, pred_path)
     conf = np.zeros((num_classes, num_classes), np.int64)
     objects = InstanceCounts()
+    by_iou = {t: InstanceCounts() for t in THRESHOLDS}
     sample = None
     for t in range(pred.shape[0]):
         true = to_classes(raw[t], label_path, opts.label_type, num_classes)
@@ -88,10 +98,25 @@ def evaluate_pair(pred_path: Path, label_path: Path, num_classes: int, opts: Eva
             t_inst = to_instances(raw[t], true, "instances", num_classes)
         else:
             t_inst = label_instances(true, num_classes, opts.interior_class, opts.min_size)
-        objects += match_instances(t_inst, p_inst, opts.iou_threshold)
+        matches = match_thresholds(t_inst, p_inst, tuple(sorted({opts.iou_threshold, *THRESHOLDS})))
+        objects += matches[opts.iou_threshold]
+        for threshold in THRESHOLDS:
+            by_iou[threshold] += matches[threshold]
         if sample is None:
             sample = (t_inst, p_inst)
-    return ImageResult(pred_path.name, pred_path, label_path, conf, objects, sample)
+    return ImageResult(pred_path.name, pred_path, label_path, conf, objects, sample, by_iou)
+
+
+def check_shapes(images: list[Path], labels: list[Path], axes: str = "auto") -> None:
+    """DataError naming both files when a label's height x width is not its image's (read from headers only)."""
+    for image, label in zip(images, labels):
+        shape, _, tiff_axes = array_header(image)
+        sizes = dict(zip(image_axes(image, shape, tiff_axes, axes), shape))
+        label_shape = array_header(label)[0]
+        hw = tuple(label_shape[-2:]) if len(label_shape) < 3 or label_shape[-1] != 1 else tuple(label_shape[-3:-1])
+        if hw != (sizes["Y"], sizes["X"]):
+            raise DataError(f"{label} is {hw[0]} x {hw[1]} but its image {image} is {sizes['Y']} x {sizes['X']} "
+                            "(H x W); images and labels are paired in sorted order: check both lists")
 
 
 def infer_num_classes(paths: list[Path]) -> int:
@@ -116,12 +141,16 @@ def evaluate_files(preds: list[Path], labels: list[Path], out_dir: Path, opts: E
         list(preds) + (list(labels) if opts.label_type == "classes" else []))
     results = [evaluate_pair(p, l, num_classes, opts) for p, l in zip(preds, labels)]
     pooled_objects = InstanceCounts()
+    pooled_by_iou = {t: InstanceCounts() for t in THRESHOLDS}
     for r in results:
         pooled_objects += r.objects
+        for t in THRESHOLDS:
+            pooled_by_iou[t] += r.by_iou[t]
     per_image = [r.scores() for r in results]
     metrics = {
         "num_classes": num_classes, "options": asdict(opts), "images": per_image,
-        "pooled": {**class_scores(sum(r.conf for r in results)), "instances": pooled_objects.scores()},
+        "pooled": {**class_scores(sum(r.conf for r in results)), "instances": pooled_objects.scores(),
+                   **_by_iou(pooled_by_iou)},
         "mean_over_images": _means(per_image), **(extra or {}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +189,11 @@ def _write_tables(metrics: dict[str, Any], out_dir: Path) -> None:
     for name, m in rows:
         cells = [fmt(m[g][k]) for _, g, k in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Pooled objects by IoU threshold (optimal matching; AP = TP / (TP + FP + FN), as StarDist's "
+              "accuracy):", "", "| IoU | TP | FP | FN | precision | recall | F1 | AP |", "|---" * 8 + "|"]
+    for t, m in metrics["pooled"]["instances_by_iou"].items():
+        lines.append(f"| {t} | " + " | ".join(fmt(m[k]) for k in ("tp", "fp", "fn", "precision", "recall", "f1",
+                                                                    "ap")) + " |")
     (out_dir / "metrics.md").write_text("\n".join(lines) + "\n")
     k = metrics["num_classes"]
     header = ["image"] + [f"{g}_class_{c}" for g in ("dice", "iou") for c in range(k)] + \

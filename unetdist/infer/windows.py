@@ -106,10 +106,18 @@ class WindowGrid:
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
 
-    def windows(self, rows: tuple[int, int] | None = None) -> list[Window]:
-        """Windows of window rows [lo, hi) (all rows by default), row by row."""
+    def windows(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> list[Window]:
+        """Windows of window rows [lo, hi) and window columns `cols` (all by default), row by row."""
         lo, hi = rows if rows is not None else (0, self.rows)
-        return [Window(y, x, self.h, self.w) for y in self.ys[lo:hi] for x in self.xs]
+        left, right = cols if cols is not None else (0, len(self.xs))
+        return [Window(y, x, self.h, self.w) for y in self.ys[lo:hi] for x in self.xs[left:right]]
+
+    def columns(self, cols: tuple[int, int]) -> tuple[int, int]:
+        """Image columns [x0, x1) that window columns [lo, hi) cover."""
+        lo, hi = cols
+        if not 0 <= lo < hi <= len(self.xs):
+            raise ValueError(f"window columns {cols} outside [0, {len(self.xs)})")
+        return self.xs[lo], self.xs[hi - 1] + self.w
 
     def band(self, rows: tuple[int, int]) -> tuple[int, int]:
         """Image rows [y0, y1) that window rows [lo, hi) cover."""
@@ -117,6 +125,13 @@ class WindowGrid:
         if not 0 <= lo < hi <= self.rows:
             raise ValueError(f"window rows {rows} outside [0, {self.rows})")
         return self.ys[lo], self.ys[hi - 1] + self.h
+
+
+def touching(starts: tuple[int, ...], size: int, a: int, b: int) -> tuple[int, int]:
+    """Indices [lo, hi) of the windows (at `starts`, `size` long) that overlap pixels [a, b) of their axis."""
+    lo = next(i for i, s in enumerate(starts) if s + size > a)
+    hi = max(i for i, s in enumerate(starts) if s < b) + 1
+    return lo, hi
 
 
 def window_grid(height: int, width: int, tile: int, overlap: int, align: int = 1) -> WindowGrid:
