@@ -21,7 +21,7 @@ from torch import nn
 
 from unetdist.config import Config, to_dict
 from unetdist.parallel.collectives import all_gather_object, broadcast_
-from unetdist.parallel.env import DistEnv
+from unetdist.parallel.env import DistEnv, cpu_threads_per_rank
 from unetdist.model import UNet
 from unetdist.train.engine_ddp import Engine, TorchEngine
 from unetdist.train.metrics import ConfusionCounter, segmentation_loss
@@ -151,6 +151,9 @@ def build_engine(cfg: Config, env: DistEnv, model: nn.Module) -> Engine:
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     """Seed, build the model (same initial weights on every rank) and the backend engine around it."""
+    threads = cpu_threads_per_rank(env.local_world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
     seed_everything(cfg.run.seed)
     model = UNet(**asdict(cfg.model))
     return Trainer(cfg, env, build_engine(cfg, env, model))
