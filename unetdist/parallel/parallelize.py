@@ -11,11 +11,10 @@ gradient hooks stay on the parameters, outside the graph. ``nn.Module.compile`` 
 place: module names and state-dict keys do not change, so checkpoints load under any setting.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the comm hook's annotations as real types.
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from unetdist.config import ParallelConfig, TrainConfig
@@ -61,8 +60,27 @@ def wrap_ddp(model: nn.Module, parallel: ParallelConfig, env: DistEnv) -> nn.Mod
         gradient_as_bucket_view=parallel.gradient_as_bucket_view,
     )
     if parallel.grad_compression == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        ddp.register_comm_hook(None, bf16_allreduce_hook)
     return ddp
+
+
+def bf16_allreduce_hook(group: dist.ProcessGroup | None,
+                       bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce one gradient bucket in bf16 and write the mean back in the gradients' dtype.
+
+    x refuses anything but NCCL/XCCL; this one is the same
+    arithmetic (divide first, so the sum cannot overflow) on any backend, gloo included.
+    """
+    group = group if group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(done: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        buffer.copy_(done.value()[0])
+        return buffer
+
+    return future.then(decompress)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
