@@ -65,11 +65,12 @@ def wrap_ddp(model: nn.Module, parallel: ParallelConfig, env: DistEnv) -> nn.Mod
 
 
 def bf16_allreduce_hook(group: dist.ProcessGroup | None,
-                       bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+                        bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce one gradient bucket in bf16 and write the mean back in the gradients' dtype.
 
-    x refuses anything but NCCL/XCCL; this one is the same
-    arithmetic (divide first, so the sum cannot overflow) on any backend, gloo included.
+    torch's own ``bf16_compress_hook`` refuses anything but NCCL/XCCL (DDP checks the hook's name,
+    hence another one); this is the same arithmetic (divide first, so the sum cannot overflow) on
+    any backend, gloo included.
     """
     group = group if group is not None else dist.group.WORLD
     buffer = bucket.buffer()
