@@ -39,6 +39,7 @@ class Preset:
         memory_width, memory_tile: model width and tile of the memory-headroom section.
         memory_budget_gb: memory budget of that section when the device gives none (CPU).
         smoke_steps: steps of the `bench smoke` loss-falls check.
+        ddp_options: time each DDP option on 2 processes too (off in the CI preset: 4 more spawns).
     """
 
     name: str
@@ -57,11 +58,12 @@ class Preset:
     memory_tile: int = 512
     memory_budget_gb: float = 80.0
     smoke_steps: int = 50
+    ddp_options: bool = True  # also time each DDP option (parallel.*) on 2 processes
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", base_width=4, tile=32, batch=4, images=6, image_size=64, warmup=1, steps=3,
-                   rounds=2, round_steps=2, workers=0, ddp_steps=3),
+                   rounds=4, round_steps=3, workers=0, ddp_steps=3, ddp_options=False),
     "cpu": Preset("cpu", base_width=16, tile=128, batch=8, images=32, image_size=256, warmup=2, steps=8,
                   rounds=4, round_steps=4, workers=0, ddp_steps=6),
     "gpu": Preset("gpu", base_width=64, tile=512, batch=8, images=24, image_size=1024, warmup=5, steps=20,
