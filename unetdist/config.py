@@ -95,6 +95,7 @@ class AugmentConfig:
     noise_std: float = 0.1  # Gaussian noise, std uniform in [0, noise_std] (normalised units)
     blur_p: float = 0.0
     blur_sigma: float = 1.0  # Gaussian blur, sigma uniform in [0.5, blur_sigma] pixels
+    device: Literal["cpu", "cuda"] = "cpu"  # crop/rotate/scale/elastic in the loader, or on the training device
 
 
 @dataclass

@@ -42,3 +42,29 @@ def test_batch_on_tensors_equals_the_loader_path_for_the_same_draws(crop: int) -
         assert wrong <= 2e-3, f"sample {i}: {wrong:.2%} of labels differ ({draws[i]})"
         if not draws[i].interpolates:  # plain crop + flip: exact in both paths
             assert torch.equal(label[i], torch.from_numpy(e_label))
+
+
+def test_device_path_through_loader_and_trainer_matches_the_loader_path(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Real shards: the loader ships the draws (`data.augment.device=cuda`), the trainer resamples on its
+    device, and the batch equals the loader-side augmentation's up to interpolation and clipping."""
+    from tests.conftest import tiny_overrides
+    from unetdist.config import load_config
+    from unetdist.data.stream import open_manifest, train_loader
+    from unetdist.parallel.env import DistEnv
+    from unetdist.train.trainer import build_trainer
+
+    batches = {}
+    for device in ("cpu", "cuda"):
+        cfg = load_config(None, [*tiny_overrides(tmp_path, tiny_data), "data.workers=0", "data.augment.crop=24",
+                                 "data.augment.rotate_p=0.7", "data.augment.scale_p=0.5", "data.augment.elastic_p=0.5",
+                                 f"data.augment.device={device}"])
+        batch = next(iter(train_loader(cfg.data, open_manifest(tiny_data, cfg.data), rank=0, world_size=1, seed=3,
+                                       epoch=0)))
+        assert ("spatial" in batch) == (device == "cuda")
+        trainer = build_trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
+        batches[device] = trainer._to_device(batch)[:2]
+    (image, label), (dev_image, dev_label) = batches["cpu"], batches["cuda"]
+    assert dev_image.shape == image.shape == (4, 1, 24, 24) and dev_label.shape == label.shape
+    close = torch.isclose(dev_image, image, rtol=1e-3, atol=1e-2).float().mean().item()
+    assert close > 0.98, f"only {close:.1%} of pixels agree"  # the rest: clipping before vs after interpolation
+    assert (dev_label == label).float().mean().item() > 0.995

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from unetdist.config import Config, to_dict
+from unetdist.data.augment_batch import spatial_batch
 from unetdist.parallel.collectives import all_gather_object, broadcast_
 from unetdist.parallel.env import DistEnv, cpu_threads_per_rank
 from unetdist.model import UNet
@@ -51,10 +52,15 @@ class Trainer:
 
     def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         image = batch["image"].to(self.env.device, non_blocking=True)
+        label = batch["label"].to(self.env.device, non_blocking=True)
+        weight = self._pixel_weight(batch)
+        if "spatial" in batch:  # data.augment.device: the loader drew the geometry, the device applies it
+            crop = self.cfg.data.augment.crop or label.shape[-1]
+            image, label, weight = spatial_batch(batch["spatial"].to(self.env.device, non_blocking=True), crop,
+                                                 image, label, weight)
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        label = batch["label"].to(self.env.device, non_blocking=True)
-        return image, label, self._pixel_weight(batch)
+        return image, label, weight
 
     def _pixel_weight(self, batch: Batch) -> torch.Tensor | None:
         if not self.cfg.train.weight_map:
