@@ -155,3 +155,26 @@ def test_gpu_headroom_search(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         assert figures["verified_peak_gb"] <= 16.0
         assert fixed + per_sample[policy] * (figures["max_batch"] + 1) * 1.05 > 16 * gib * 0.9  # close to the limit
     assert result["ratio_all_vs_none"] > 3
+
+
+def test_cpu_seconds_ratio_next_to_the_wall_clock_one() -> None:
+    from unetdist.bench.rows import ratio
+
+    times = StepTimes()
+    for wall, cpu in ((2.0, 0.30), (0.5, 0.28), (9.0, 0.29)):  # a loaded machine: wall-clock all over the place
+        times.add(wall, 0.0, cpu)
+    ours = make_row("ours", group="reference", mode="compute", times=times, batch=4, tile=64, base_width=8,
+                    precision="fp32", channels_last=True, checkpointing="none", compile=False, device=CPU,
+                    memory_gb=0.1, memory_method="test")
+    ref = _row(times=StepTimes([1.0, 1.0], [0.0, 0.0], [0.58, 0.58]))
+    assert ours["cpu_s"] == 0.29 and ref["cpu_s"] == 0.58
+    found = ratio([ours, ref], "ours", "ours fp32", "ours / ref")
+    assert found is not None and found["ratio"] == 0.5 and found["ratio_cpu"] == 2.0
+    assert "CPU time: 2.00x" in format_table({**_report_stub(), "comparisons": [found]})
+    assert "ratio_cpu" not in (ratio([_row(), _row()], "ours fp32", "ours fp32", "same") or {})  # no CPU times
+
+
+def _report_stub() -> dict:
+    return {"preset": "tiny", "machine": {"device": "cpu", "cpu": "test", "torch": "x"}, "model": {"base_width": 8},
+            "settings": {"tile": 64, "batch": 4}, "rows": [], "comparisons": [], "ddp": None, "memory": None,
+            "skipped": []}

@@ -27,7 +27,7 @@ def test_bench_runs_and_reports_both_pipelines(tmp_path: Path, capsys) -> None:
     assert run_loader_bench(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["tiles"] == 8 and result["weight_maps"] and result["crop"] == 48  # 2 train images x 4 tiles
-    assert result["ours_median"] > 0 and result["baseline_median"] > 0
+    assert result["ours_median"] > 0 and result["baseline_median"] > 0 and result["ours_device_side_median"] > 0
     assert abs(result["ratio"] - result["ours_median"] / result["baseline_median"]) < 1e-9
     assert "tiles/s per core" in capsys.readouterr().out
 

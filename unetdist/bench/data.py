@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from unetdist.bench.presets import Preset
-from unetdist.config import Config, UsageError, load_config
+from unetdist.config import Config, TrainConfig, UsageError, load_config
 from unetdist.parallel.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,12 @@ DONE = ".complete"
 
 @dataclass(frozen=True)
 class Lever:
-    """The settings of one row of our trainer."""
+    """The settings of one row of our trainer; ``Lever()`` is our default configuration."""
 
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    channels_last: bool = False
-    checkpointing: str = "none"  # none | highres | all
-    compile: bool = False
+    precision: str = TrainConfig.precision  # fp32 | bf16 | fp16
+    channels_last: bool = TrainConfig.channels_last
+    checkpointing: str = TrainConfig.activation_checkpointing  # none | highres | all
+    compile: bool = bool(TrainConfig.compile)
 
     @property
     def label(self) -> str:
@@ -62,7 +62,7 @@ def bench_config(preset: Preset, data_root: Path, run_dir: Path, lever: Lever = 
         f"data.shard.tile={preset.tile}", "data.shard.overlap=0", "data.shard.val_fraction=0.25",
         "train.steps=100000", "train.optimizer=adamw", "train.lr=0.001", "train.warmup_steps=10",
         f"train.precision={lever.precision}", f"train.channels_last={str(lever.channels_last).lower()}",
-        f"train.activation_checkpointing={lever.checkpointing}",
+        f"train.activation_checkpointing={lever.checkpointing}", f"train.compile={str(lever.compile).lower()}",
         *extra,
     ]
     return load_config(None, overrides)
@@ -74,18 +74,10 @@ def single_env(device: torch.device) -> DistEnv:
 
 
 def build_our_trainer(cfg: Config, env: DistEnv, lever: Lever) -> Any:
-    """``build_trainer`` plus, for compile rows, ``torch.compile`` of the module in place.
-
-    ``nn.Module.compile()`` keeps the module object (and its state-dict keys), so the trainer,
-    its optimizer and DDP see the same parameters. (A ``train.compile`` config key, applied in
-    ``unetdist.parallel.parallelize`` after memory format and before DDP, would replace this.)
-    """
+    """``build_trainer`` as a run builds it (``train.compile`` from the lever is in ``cfg``)."""
     from unetdist.train.trainer import build_trainer
 
-    trainer = build_trainer(cfg, env)
-    if lever.compile:
-        trainer.module.compile()
-    return trainer
+    return build_trainer(cfg, env)
 
 
 @dataclass(frozen=True)

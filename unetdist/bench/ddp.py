@@ -62,13 +62,14 @@ def _child(rank: int, world_size: int, port: int, threads: int, spec: dict[str, 
     try:
         preset = Preset(**spec["preset"])
         lever = Lever(**spec["lever"])
-        cfg = bench_config(preset, Path(spec["data_root"]), Path(spec["run_dir"]), lever)
+        extra = tuple(spec.get("extra", ()))
+        cfg = bench_config(preset, Path(spec["data_root"]), Path(spec["run_dir"]), lever, extra)
         trainer = build_our_trainer(cfg, env, lever)
         probe = MemoryProbe(env.device, trainer.module)
         times = run_steps(lambda: trainer.train_step(batch), env.device, max(1, preset.warmup), preset.ddp_steps,
                           probe=probe)
         row = make_row(
-            f"ours {lever.label} DDP x{world_size}", group="ddp", mode="compute", times=times, batch=preset.batch,
+            f"ours {lever.label} DDP x{world_size}{''.join(' ' + e.split('.', 1)[1] for e in extra)}", group="ddp", mode="compute", times=times, batch=preset.batch,
             tile=preset.tile, base_width=preset.base_width, precision=lever.precision,
             channels_last=lever.channels_last, checkpointing=lever.checkpointing, compile=lever.compile,
             device=env.device, memory_gb=probe.gb, memory_method=probe.method, world_size=world_size,
@@ -127,6 +128,13 @@ def run_world(world_size: int, threads: int, spec: dict[str, Any], batch: dict[s
     raise AssertionError("unreachable")
 
 
+# Each DDP option against the default (bucket 25 MB, gradients as bucket views, no static graph, fp32 all-reduce).
+DDP_OPTIONS: tuple[tuple[str, ...], ...] = (
+    ("parallel.gradient_as_bucket_view=false",), ("parallel.static_graph=true",), ("parallel.bucket_mb=1",),
+    ("parallel.grad_compression=bf16",),
+)
+
+
 def run_ddp(preset: Preset, data_root: Path, run_dir: Path, device: torch.device, batch: dict[str, Any],
             skipped: list[dict[str, str]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Rows for 1 and 2 processes (fp32, the lever every device runs) and the scaling summary."""
@@ -144,6 +152,9 @@ def run_ddp(preset: Preset, data_root: Path, run_dir: Path, device: torch.device
         results[world_size] = run_world(world_size, threads, spec, cpu_batch)
     rows = [results[1]["row"], results[2]["row"]]
     one, two = rows
+    for extra in DDP_OPTIONS if preset.ddp_options else ():
+        log.info("DDP: 2 processes with %s", " ".join(extra))
+        rows.append(run_world(2, threads, {**spec, "extra": list(extra)}, cpu_batch)["row"])
     gradient_bytes = results[2]["gradient_bytes"]
     allreduce_s = results[2]["allreduce_s"]
     summary = {

@@ -20,33 +20,33 @@ import torch
 from unetdist.bench.data import Lever, bench_config, build_our_trainer, single_env
 from unetdist.bench.presets import Preset
 from unetdist.bench.rows import make_row
-from unetdist.bench.timing import MemoryProbe, free_memory, run_steps
+from unetdist.bench.timing import MemoryProbe, StepTimes, free_memory, run_steps
 
 log = logging.getLogger(__name__)
 
 
 def best_lever(device: torch.device, compile_ok: bool) -> Lever:
-    """What we recommend on this device: GPU bf16 + channels_last (+ compile); CPU fp32 (bf16 and
-    channels_last are slower on CPUs without native bf16, see the notes on measured CPU speeds)."""
+    """What we recommend on this device: GPU bf16 + channels_last (+ compile); CPU our default
+    configuration (fp32, channels_last; docs/performance.md has the measurements behind it)."""
     if device.type == "cuda":
         return Lever(precision="bf16", channels_last=True, compile=compile_ok)
     return Lever()
 
 
 def lever_list(device: torch.device, compile_ok: bool) -> list[Lever]:
-    """Baseline, each lever alone and all speed levers together, without and with checkpointing.
+    """The default, each lever alone and all speed levers together, without and with checkpointing.
 
-    Ordered by what a time-limited run (the GPU check) must not lose: the baseline, precision,
+    Ordered by what a time-limited run (the GPU check) must not lose: the default, precision,
     layout, everything together and its full-checkpointing price come first.
     """
     together = Lever(precision="bf16", channels_last=True, compile=compile_ok)
-    levers = [Lever(), Lever(precision="bf16"), Lever(channels_last=True), together,
+    levers = [Lever(), Lever(precision="bf16"), Lever(channels_last=not Lever().channels_last), together,
               dataclasses.replace(together, checkpointing="all"),
               Lever(checkpointing="highres"), Lever(checkpointing="all")]
     if compile_ok:
         levers.append(Lever(compile=True))
     levers.append(dataclasses.replace(together, checkpointing="highres"))
-    return levers
+    return list(dict.fromkeys(levers))  # without repeats: the default may equal a lever
 
 
 def compile_available(device: torch.device) -> tuple[bool, str]:
@@ -59,19 +59,24 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
 def run_lever(lever: Lever, preset: Preset, data_root: Path, run_dir: Path, device: torch.device,
               batch: dict[str, Any]) -> dict[str, Any]:
     """One row: build our trainer with ``lever``, warm up (memory measured), time ``preset.steps`` steps."""
-    cfg = bench_config(preset, data_root, run_dir, lever)
-    trainer = build_our_trainer(cfg, single_env(device), lever)
-    probe = MemoryProbe(device, trainer.module)
-    times = run_steps(lambda: trainer.train_step(batch), device, max(1, preset.warmup), preset.steps, probe=probe)
+    times, probe = _time_lever(lever, preset, data_root, run_dir, device, batch)
     row = make_row(
         f"ours {lever.label}", group="levers", mode="compute", times=times, batch=preset.batch, tile=preset.tile,
         base_width=preset.base_width, precision=lever.precision, channels_last=lever.channels_last,
         checkpointing=lever.checkpointing, compile=lever.compile, device=device, memory_gb=probe.gb,
         memory_method=probe.method,
     )
-    del trainer
-    free_memory(device)
+    free_memory(device)  # the row's trainer is gone with _time_lever's frame
     return row
+
+
+def _time_lever(lever: Lever, preset: Preset, data_root: Path, run_dir: Path, device: torch.device,
+                batch: dict[str, Any]) -> tuple[StepTimes, MemoryProbe]:
+    cfg = bench_config(preset, data_root, run_dir, lever)
+    trainer = build_our_trainer(cfg, single_env(device), lever)
+    probe = MemoryProbe(device, trainer.module)
+    times = run_steps(lambda: trainer.train_step(batch), device, max(1, preset.warmup), preset.steps, probe=probe)
+    return times, probe
 
 
 def run_levers(preset: Preset, data_root: Path, run_dir: Path, device: torch.device, batch: dict[str, Any],

@@ -41,6 +41,11 @@ class Preset:
         memory_width, memory_tile: model width and tile of the memory-headroom section.
         memory_budget_gb: memory budget of that section when the device gives none (CPU).
         smoke_steps: steps of the `bench smoke` loss-falls check.
+        ddp_options: time each DDP option on 2 processes too (off in the CI preset: 4 more spawns).
+        threads: torch threads of the rows timed in this process (0: torch's default). The CPU presets
+            use 1, so that each row's CPU seconds per step (``cpu_s``, ``ratio_cpu``) are per core and
+            do not depend on other jobs: with 2 threads on a loaded 2-core machine, a step waits until
+            both threads get a core at every parallel region, and wall-clock measures the neighbours.
     """
 
     name: str
@@ -59,13 +64,15 @@ class Preset:
     memory_tile: int = 512
     memory_budget_gb: float = 80.0
     smoke_steps: int = 50
+    ddp_options: bool = True  # also time each DDP option (parallel.*) on 2 processes
+    threads: int = 0  # torch threads of the timed rows (0: torch's default)
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", base_width=4, tile=32, batch=4, images=6, image_size=64, warmup=1, steps=3,
-                   rounds=2, round_steps=2, workers=0, ddp_steps=3),
+                   rounds=4, round_steps=3, workers=0, ddp_steps=3, ddp_options=False, threads=1),
     "cpu": Preset("cpu", base_width=16, tile=128, batch=8, images=32, image_size=256, warmup=2, steps=8,
-                  rounds=4, round_steps=4, workers=0, ddp_steps=6),
+                  rounds=4, round_steps=4, workers=0, ddp_steps=6, threads=1),
     "gpu": Preset("gpu", base_width=64, tile=512, batch=8, images=24, image_size=1024, warmup=5, steps=20,
                   rounds=3, round_steps=10, workers=8, ddp_steps=20),
 }

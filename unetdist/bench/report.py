@@ -117,7 +117,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{row['mfu']:>7.2%} {row.get('hfu', row['mfu']):>7.2%} {row['peak_memory_gb']:>7.3f}")
     if report["comparisons"]:
         lines += ["", "ratios:"]
-        lines += [f"  {c['name']}: {c['ratio']:.2f}x (fastest steps: {c.get('ratio_best', float('nan')):.2f}x)"
+        lines += [f"  {c['name']}: {c['ratio']:.2f}x (fastest steps: {c.get('ratio_best', float('nan')):.2f}x"
+                  + (f"; CPU time: {c['ratio_cpu']:.2f}x)" if "ratio_cpu" in c else ")")
                   for c in report["comparisons"]]
     ddp = report.get("ddp")
     if ddp:

@@ -59,7 +59,7 @@ def make_row(
         "name": name, "trainer": trainer, "group": group, "mode": mode, "precision": precision,
         "channels_last": channels_last, "checkpointing": checkpointing, "compile": compile,
         "world_size": world_size, "batch_per_device": batch, "tile": tile, "steps_timed": len(times.seconds),
-        "step_s": step, "step_s_mean": times.mean, "step_s_min": min(times.seconds), "step_s_max": max(times.seconds),
+        "step_s": step, "step_s_mean": times.mean, "cpu_s": times.cpu_median, "step_s_min": min(times.seconds), "step_s_max": max(times.seconds),
         "images_per_s_per_device": batch / step,
         "megapixels_per_s_per_device": batch * tile * tile / step / 1e6,
         "images_per_s": batch * world_size / step,
@@ -84,7 +84,10 @@ def ratio(rows: list[dict[str, Any]], numerator: str, denominator: str, name: st
     found = {r["name"]: r for r in rows}
     if numerator not in found or denominator not in found:
         return None
-    # ratio_best: of the fastest steps, which on a shared machine are the least disturbed ones
+    # ratio_best: of the fastest steps, which on a shared machine are the least disturbed ones;
+    # ratio_cpu: of the CPU seconds per step, which other jobs do not change (CPU presets: one thread)
+    cpu = (found[numerator].get("cpu_s", 0.0), found[denominator].get("cpu_s", 0.0))
     return {"name": name, "numerator": numerator, "denominator": denominator, "figure": figure,
             "ratio": found[numerator][figure] / found[denominator][figure],
-            "ratio_best": found[denominator]["step_s_min"] / found[numerator]["step_s_min"]}
+            "ratio_best": found[denominator]["step_s_min"] / found[numerator]["step_s_min"],
+            **({"ratio_cpu": cpu[1] / cpu[0]} if all(c > 0 for c in cpu) else {})}

@@ -87,6 +87,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch_size,
                             steps=args.steps, workers=args.workers)
     sections = selected_sections(args.only, args.skip)
+    if preset.threads:
+        torch.set_num_threads(preset.threads)  # per-core figures on CPU (see Preset.threads)
     out = Path(args.out) if args.out else Path("runs") / "bench" / preset.name
     data_root = Path(args.data_dir) if args.data_dir else default_data_dir(preset)
     started = time.perf_counter()

@@ -35,10 +35,16 @@ class StepTimes:
 
     seconds: list[float] = field(default_factory=list)
     data_wait: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # CPU time of this process (all its threads)
 
-    def add(self, seconds: float, data_wait: float = 0.0) -> None:
+    def add(self, seconds: float, data_wait: float = 0.0, cpu_seconds: float = 0.0) -> None:
         self.seconds.append(seconds)
         self.data_wait.append(data_wait)
+        self.cpu_seconds.append(cpu_seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else 0.0
 
     @property
     def median(self) -> float:
@@ -54,9 +60,11 @@ class StepTimes:
 
 
 def time_step(step: Callable[..., Any], device: torch.device,
-              batches: Iterator[Any] | None = None) -> tuple[float, float]:
-    """Run one step and return (seconds, data-wait seconds); with ``batches`` the step gets ``next(batches)``."""
+              batches: Iterator[Any] | None = None) -> tuple[float, float, float]:
+    """Run one step and return (seconds, data-wait seconds, CPU seconds of this process); with ``batches``
+    the step gets ``next(batches)``."""
     sync(device)
+    cpu = time.process_time()
     start = time.perf_counter()
     wait = 0.0
     if batches is not None:
@@ -66,7 +74,7 @@ def time_step(step: Callable[..., Any], device: torch.device,
     else:
         step()
     sync(device)
-    return time.perf_counter() - start, wait
+    return time.perf_counter() - start, wait, time.process_time() - cpu
 
 
 def run_steps(step: Callable[..., Any], device: torch.device, warmup: int, steps: int,

@@ -17,6 +17,7 @@ without decoding them and still give every later sample the same transform.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ def crop_start(rng: np.random.Generator, cfg: AugmentConfig, label: np.ndarray, 
     return int(rng.integers(height - crop + 1)), int(rng.integers(width - crop + 1))
 
 
-def _cubic_matrix(grid: int, size: int) -> np.ndarray:
+def cubic_matrix(grid: int, size: int) -> np.ndarray:
     """size x grid matrix of cubic-spline interpolation from `grid` lattice points to `size` pixels.
 
     The spline is linear in the lattice values and separable, so M @ C @ M.T equals a bicubic zoom
@@ -96,8 +97,12 @@ _CUBIC: dict[tuple[int, int], np.ndarray] = {}
 
 def elastic_field(rng: np.random.Generator, grid: int, sigma: float, size: int) -> np.ndarray:
     """2 x size x size displacements: N(0, sigma) on a grid x grid lattice, bicubic in between."""
-    coarse = rng.normal(0.0, sigma, (2, grid, grid)).astype(np.float32)
-    matrix = _cubic_matrix(grid, size)
+    return expand_lattice(rng.normal(0.0, sigma, (2, grid, grid)).astype(np.float32), size)
+
+
+def expand_lattice(coarse: np.ndarray, size: int) -> np.ndarray:
+    """2 x grid x grid lattice displacements -> 2 x size x size, bicubic (M @ C @ M.T per axis)."""
+    matrix = cubic_matrix(coarse.shape[-1], size)
     return np.stack([matrix @ c @ matrix.T for c in coarse])
 
 
@@ -135,26 +140,57 @@ def resample(coords: np.ndarray, image: np.ndarray, label: np.ndarray,
     return out[:channels], nearest.numpy().astype(label.dtype), out[channels] if weight is not None else None
 
 
+@dataclass(frozen=True)
+class SpatialDraw:
+    """The random geometry of one sample: crop start, rotation, zoom, elastic lattice, flip code."""
+
+    crop: int
+    start: tuple[int, int]
+    angle: float  # radians
+    zoom: float
+    coarse: np.ndarray | None  # 2 x grid x grid lattice displacements (px), or None
+    code: int  # the flip/rotation, 0 when flips are off
+
+    @property
+    def interpolates(self) -> bool:
+        return self.angle != 0.0 or self.zoom != 1.0 or self.coarse is not None
+
+
+def draw_spatial(rng: np.random.Generator, cfg: AugmentConfig, code: int, label: np.ndarray) -> SpatialDraw:
+    """Draw a sample's geometry; the loader (`spatial`) and the device path (`augment_batch`) apply it."""
+    size = label.shape[-1]
+    crop = cfg.crop or size
+    start = crop_start(rng, cfg, label, crop) if crop < size else (0, 0)
+    angle = math.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)) if rng.random() < cfg.rotate_p else 0.0
+    zoom = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale) if rng.random() < cfg.scale_p else 1.0
+    coarse = rng.normal(0.0, cfg.elastic_sigma, (2, cfg.elastic_grid, cfg.elastic_grid)).astype(np.float32) \
+        if rng.random() < cfg.elastic_p else None
+    return SpatialDraw(crop, start, angle, zoom, coarse, code if cfg.flip else 0)
+
+
 def spatial(rng: np.random.Generator, cfg: AugmentConfig, code: int, image: np.ndarray, label: np.ndarray,
             weight: np.ndarray | None, copy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Crop, rotate, scale, deform and flip a C x T x T image with its T x T label and weights.
 
     With `copy=False` the results may be views of the inputs.
     """
-    size = label.shape[-1]
-    crop = cfg.crop or size
-    start = crop_start(rng, cfg, label, crop) if crop < size else (0, 0)
-    angle = math.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)) if rng.random() < cfg.rotate_p else 0.0
-    zoom = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale) if rng.random() < cfg.scale_p else 1.0
-    field = elastic_field(rng, cfg.elastic_grid, cfg.elastic_sigma, crop) if rng.random() < cfg.elastic_p else None
-    if angle == 0.0 and zoom == 1.0 and field is None:
-        y, x = start
+    return apply_spatial(draw_spatial(rng, cfg, code, label), image, label, weight, copy)
+
+
+def apply_spatial(draw: SpatialDraw, image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
+                  copy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`draw` on one sample: exact slicing when nothing interpolates, else one resampling; then the flip."""
+    crop = draw.crop
+    if not draw.interpolates:
+        y, x = draw.start
         window = (slice(y, y + crop), slice(x, x + crop))
         image, label = image[(slice(None), *window)], label[window]
         weight = None if weight is None else weight[window]
     else:
-        image, label, weight = resample(sample_coordinates(crop, start, angle, zoom, field), image, label, weight)
-    image, label, weight = dihedral_all([image, label, weight], code if cfg.flip else 0, copy=copy)
+        field = None if draw.coarse is None else expand_lattice(draw.coarse, crop)
+        image, label, weight = resample(sample_coordinates(crop, draw.start, draw.angle, draw.zoom, field),
+                                        image, label, weight)
+    image, label, weight = dihedral_all([image, label, weight], draw.code, copy=copy)
     return image, label, weight
 
 

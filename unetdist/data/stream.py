@@ -42,7 +42,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unetdist.config import AugmentConfig, DataConfig
-from unetdist.data.augment import as_augment_config, augment_code, intensity, sample_rng, spatial
+from unetdist.data.augment import as_augment_config, augment_code, draw_spatial, intensity, sample_rng, spatial
+from unetdist.data.augment_batch import pack_draw
 from unetdist.data.errors import DataError
 from unetdist.data.manifest import IntensityStats, Manifest, normalize, open_manifest
 from unetdist.data.order import EpochOrder, auto_partitions, check_layout, epoch_order, rank_slots
@@ -86,12 +87,13 @@ class BatchBuffer:
         self.image: np.ndarray | None = None
         self.label: np.ndarray | None = None
         self.weight: np.ndarray | None = None
+        self.spatial: list[np.ndarray] = []  # drawn geometry per sample, when the device applies it
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def add(self, key: str, image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
-            post: Callable[[np.ndarray], Any] | None = None) -> None:
+            post: Callable[[np.ndarray], Any] | None = None, spatial: np.ndarray | None = None) -> None:
         """Write one sample; `post` then changes its normalised image in place. BadSample if it does not fit."""
         if self.image is None:
             self.image = np.empty((self.size, *image.shape), np.float32)
@@ -108,6 +110,8 @@ class BatchBuffer:
         np.copyto(self.label[n], label)  # uint8 -> int64 in the same pass
         if weight is not None and self.weight is not None:
             np.copyto(self.weight[n], weight)
+        if spatial is not None:
+            self.spatial.append(spatial)
         self.keys.append(key)
 
     def tensors(self, skipped: int) -> dict[str, Any]:
@@ -117,6 +121,8 @@ class BatchBuffer:
                  "key": self.keys, "skipped": torch.tensor(skipped, dtype=torch.int64)}
         if self.weight is not None:
             batch["weight"] = torch.from_numpy(self.weight[:n])
+        if self.spatial:
+            batch["spatial"] = torch.from_numpy(np.stack(self.spatial))
         return batch
 
 
@@ -272,6 +278,10 @@ def _add_augmented(batch: BatchBuffer, plan: TrainPlan, partition: int, position
         return
     rng = sample_rng(plan.seed, 0, partition, plan.epoch, position)
     code = augment_code(plan.seed, 0, partition, plan.epoch, position)
+    if aug.device != "cpu":  # the trainer resamples the batch on its device (unetdist.data.augment_batch)
+        drawn = pack_draw(draw_spatial(rng, aug, code, label), aug.elastic_grid)
+        batch.add(key, image, label, weight, post=lambda out: intensity(rng, aug, out), spatial=drawn)
+        return
     image, label, weight = spatial(rng, aug, code, image, label, weight, copy=False)
     batch.add(key, image, label, weight, post=lambda out: intensity(rng, aug, out))
 

@@ -123,3 +123,16 @@ def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> Dist
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cpu_threads_per_rank(local_world_size: int) -> int | None:
+    """Intra-op CPU threads for each of ``local_world_size`` ranks on this node: cores / local ranks.
+
+    None when the user chose (``OMP_NUM_THREADS`` set; torchrun sets it to 1 for several local
+    ranks) or when the process runs alone (torch already uses every core). Ranks that each start
+    one thread per core oversubscribe the node, and their threads' barriers then wait on each other.
+    """
+    if os.environ.get("OMP_NUM_THREADS") or local_world_size <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size)

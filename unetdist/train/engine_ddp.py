@@ -49,7 +49,7 @@ class TorchEngine:
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module) -> None:
         self.cfg, self.env = cfg, env
         self.model = wrap_ddp(prepare_module(model, cfg.train, cfg.parallel, env), cfg.parallel, env)
-        self.optimizer = build_optimizer(list(self.model.parameters()), cfg.train)
+        self.optimizer = build_optimizer(list(self.model.parameters()), cfg.train, fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type) if self.amp_dtype == torch.float16 else None
@@ -77,7 +77,7 @@ class TorchEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from unetdist.config import Config, to_dict
+from unetdist.data.augment_batch import spatial_batch
 from unetdist.parallel.collectives import all_gather_object, barrier, broadcast_
-from unetdist.parallel.env import DistEnv
+from unetdist.parallel.env import DistEnv, cpu_threads_per_rank
 from unetdist.model import UNet
 from unetdist.train.checkpoint import load_training, save_training
 from unetdist.train.engine_ddp import Engine, TorchEngine
@@ -53,10 +54,15 @@ class Trainer:
 
     def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         image = batch["image"].to(self.env.device, non_blocking=True)
+        label = batch["label"].to(self.env.device, non_blocking=True)
+        weight = self._pixel_weight(batch)
+        if "spatial" in batch:  # data.augment.device: the loader drew the geometry, the device applies it
+            crop = self.cfg.data.augment.crop or label.shape[-1]
+            image, label, weight = spatial_batch(batch["spatial"].to(self.env.device, non_blocking=True), crop,
+                                                 image, label, weight)
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        label = batch["label"].to(self.env.device, non_blocking=True)
-        return image, label, self._pixel_weight(batch)
+        return image, label, weight
 
     def _pixel_weight(self, batch: Batch) -> torch.Tensor | None:
         if not self.cfg.train.weight_map:
@@ -153,6 +159,9 @@ def build_engine(cfg: Config, env: DistEnv, model: nn.Module) -> Engine:
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     """Seed, build the model (same initial weights on every rank) and the backend engine around it."""
+    threads = cpu_threads_per_rank(env.local_world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
     seed_everything(cfg.run.seed)
     model = UNet(**asdict(cfg.model))
     return Trainer(cfg, env, build_engine(cfg, env, model))
