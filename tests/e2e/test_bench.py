@@ -27,7 +27,7 @@ def test_cli_registers_bench_commands() -> None:
     assert parser.parse_args(["bench", "smoke", "--steps", "5"]).func.__name__ == "_smoke"
     bench = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
     sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"train", "smoke", "loader"}  # loader: issue 3's module, or a message
+    assert set(sub.choices) == {"train", "smoke", "loader", "predict", "shard"}
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:

@@ -29,13 +29,19 @@ def compile_mode(setting: bool | str) -> str | None:
     return "default" if setting is True else str(setting)
 
 
-def prepare_module(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, env: DistEnv) -> nn.Module:
-    """SyncBatchNorm (GPU, several ranks) -> activation checkpointing -> device -> memory format -> compile."""
+def prepare_module(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, env: DistEnv,
+                   contiguous_weights: bool = False) -> nn.Module:
+    """SyncBatchNorm (GPU, several ranks) -> activation checkpointing -> device -> memory format -> compile.
+
+    ``contiguous_weights`` keeps the parameters in the default layout even with ``train.channels_last``
+    (DeepSpeed flattens and broadcasts parameters as contiguous buffers and refuses NHWC-strided ones);
+    the trainer still feeds channels_last images, so the convolutions run in NHWC all the same.
+    """
     if parallel.sync_batchnorm and env.distributed and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     apply_activation_checkpointing(model, train.activation_checkpointing)
     model.to(env.device)
-    if train.channels_last:
+    if train.channels_last and not contiguous_weights:
         model.to(memory_format=torch.channels_last)
     mode = compile_mode(train.compile)
     if mode is not None:

@@ -64,7 +64,7 @@ class DeepSpeedEngine:
         self.stage = cfg.parallel.deepspeed.zero_stage
         self.ds_config = deepspeed_config(cfg, env.world_size, env.device.type, cuda_capability(env.device))
         deepspeed = _import_deepspeed(env, self.ds_config)
-        model = prepare_module(model, cfg.train, cfg.parallel, env)
+        model = prepare_module(model, cfg.train, cfg.parallel, env, contiguous_weights=True)
         optimizer = scheduler = None
         if cfg.parallel.deepspeed.optimizer == "torch":
             optimizer = build_optimizer(list(model.parameters()), cfg.train)
