@@ -98,6 +98,15 @@ class AugmentConfig:
 
 
 @dataclass
+class NormalizeConfig:
+    """How raw pixels become network input (the same transform is stored with the model for prediction)."""
+
+    mode: Literal["percentile", "dataset"] = "percentile"  # per-image percentiles, or the training set's statistics
+    low: float = 1.0  # percentile mode: per image and channel, (x - p_low) / (p_high - p_low) ...
+    high: float = 99.8  # ... with these percentiles of the whole image (StarDist's; cellpose uses 1 and 99)
+
+
+@dataclass
 class DataConfig:
     root: str = "data/synth-default"  # folder holding manifest.json and the shards
     train_urls: str = ""  # optional WebDataset URL(s) overriding the manifest's train shards
@@ -106,6 +115,7 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 256
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # `true`/`false` still accepted
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     generate: bool = False  # make the synthetic dataset in `root` when it is missing
     fetch: str = ""  # or download this dataset (e.g. cellunet-nuclei) and shard it into `root` when missing
     cache_dir: str = ""  # downloads are kept here ("": ~/.cache/unetdist)
@@ -246,6 +256,9 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
     probabilities = ("foreground_oversample", "rotate_p", "scale_p", "elastic_p", "intensity_p", "noise_p", "blur_p")
     return [
         (not (data.generate and data.fetch), "data.generate and data.fetch exclude each other; set one"),
+        (0.0 <= data.normalize.low < data.normalize.high <= 100.0,
+         f"data.normalize.low={data.normalize.low} and data.normalize.high={data.normalize.high} must satisfy "
+         "0 <= low < high <= 100 (percentiles)"),
         (shard.min_shards >= 1, "data.shard.min_shards must be >= 1"),
         (shard.frame_block >= 0, "data.shard.frame_block must be >= 0 (0: a whole stack is one split unit)"),
         (0.0 <= shard.min_foreground <= 1.0, "data.shard.min_foreground must be in [0, 1]"),

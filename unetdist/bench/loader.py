@@ -148,10 +148,12 @@ def _make_dataset(root: Path, args: argparse.Namespace) -> None:
 def _ours(manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace, seed: int) -> Iterator[dict]:
     from torch.utils.data import DataLoader
 
-    from unetdist.data.stream import TrainPlan, TrainStream
+    from unetdist.data.normalize import Normalization
+    from unetdist.data.stream import Normalizer, TrainPlan, TrainStream
 
     lanes = max(1, args.workers)
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples, stats=manifest.stats,
+    normalizer = Normalizer(Normalization("dataset", manifest.stats))  # what the per-file baseline does too
+    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples, normalizer=normalizer,
                      batch_size=args.batch_size, shuffle_buffer=64, augment=augment,
                      num_classes=manifest.num_classes, weights=manifest.weights, seed=seed, rank=0, epoch=0,
                      lanes=lanes, total=(args.batches + 1) * lanes, start_batch=0)

@@ -21,6 +21,7 @@ import numpy as np
 from unetdist.config import ShardConfig
 from unetdist.data.inputs import Pair, frame_count, read_image, read_label
 from unetdist.data.labels import to_classes, to_instances, weight_map
+from unetdist.data.normalize import MAX_PIXELS, PERCENTILE_GRID, image_percentiles
 from unetdist.data.tiling import iter_tiles, tile_grid
 
 SAMPLE_PIXELS = 65536  # per frame and channel, for percentiles of non-integer data
@@ -97,6 +98,7 @@ def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights
         instances = to_instances(raw, classes, shard.labels, num_classes)
         weight = weight_map(classes, instances, weights, shard.w0, shard.sigma)
     samples = []
+    percentiles = image_percentiles(image, "CYX", PERCENTILE_GRID, MAX_PIXELS).tolist()  # of the whole image
     frame_tag = f"_t{task.frame:05d}" if task.frames > 1 else ""
     weight_tiles = iter_tiles(weight[None], None, shard.tile, shard.overlap) if weight is not None else None
     for number, tile in enumerate(iter_tiles(image, classes, shard.tile, shard.overlap)):
@@ -109,7 +111,7 @@ def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights
         foreground = float((tile.label[: tile.valid_h, : tile.valid_w] > 0).mean())
         meta = {"source": task.source, "source_index": task.index, "y": tile.y, "x": tile.x,
                 "valid_h": tile.valid_h, "valid_w": tile.valid_w, "tile": shard.tile, "split": task.split,
-                "foreground": round(foreground, 6),
+                "foreground": round(foreground, 6), "image_percentiles": percentiles,
                 "crc32": {name: zlib.crc32(data) for name, data in members.items()}}
         if task.frames > 1:
             meta["frame"] = task.frame

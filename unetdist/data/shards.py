@@ -40,6 +40,7 @@ from unetdist.data.errors import DataError
 from unetdist.data.inputs import Pair, as_pairs, load_array, read_pairs
 from unetdist.data.labels import class_weights
 from unetdist.data.manifest import FORMAT
+from unetdist.data.normalize import MAX_PIXELS, PERCENTILE_GRID
 from unetdist.data.samples import FrameResult, FrameTask, PairSurvey, frame_samples, survey_pair
 from unetdist.data.sink import ShardSink, fsync
 from unetdist.data.stats import PERCENTILES, IntensityAccumulator
@@ -208,6 +209,7 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
                        "class_balance": shard.class_balance, "dtype": "float16",
                        "class_weights": None if weights is None else weights.tolist()},
         "checksum": "crc32",
+        "image_percentiles": {"percentiles": list(PERCENTILE_GRID), "max_pixels": MAX_PIXELS},
         "inputs": [{"image": str(p.image), "label": str(p.label), "frames": s.frames, "channels": s.channels,
                     "height": s.height, "width": s.width} for p, s in zip(pairs, surveys)],
         "dataset": dataset or {},

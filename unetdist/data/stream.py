@@ -30,6 +30,7 @@ Batches: {"image": float32 [B, C, T, T], "label": int64 [B, T, T], "weight": flo
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -45,7 +46,8 @@ from webdataset.filters import shuffle
 from unetdist.config import AugmentConfig, DataConfig
 from unetdist.data.augment import as_augment_config, augment_code, intensity, sample_rng, spatial
 from unetdist.data.errors import DataError
-from unetdist.data.manifest import IntensityStats, Manifest, normalize, open_manifest
+from unetdist.data.manifest import IntensityStats, Manifest, open_manifest
+from unetdist.data.normalize import Normalization, grid_bounds, grid_columns, normalize
 from unetdist.data.reader import BadSample, ErrorCallback, SkipLog, decode, shard_samples
 
 __all__ = ["IntensityStats", "Manifest", "batches_per_epoch", "normalize", "open_manifest", "train_loader",
@@ -94,15 +96,40 @@ def _decode(sample: dict[str, Any], num_classes: int, weights: bool) -> tuple[np
     return image, label, weight
 
 
-Item = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None"]
+@dataclass(frozen=True)
+class Normalizer:
+    """The normalisation of a run and where its per-image bounds sit in each tile's stored percentiles."""
+
+    norm: Normalization
+    columns: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, data: DataConfig, manifest: Manifest) -> Normalizer:
+        norm = manifest.normalization(data.normalize)
+        if norm.mode == "dataset":
+            return cls(norm)
+        return cls(norm, tuple(grid_columns(manifest.image_percentiles, norm.percentiles, manifest.root)))
+
+    def bounds(self, sample: dict[str, Any]) -> np.ndarray | None:
+        """The percentiles of the whole image a tile was cut from (None in dataset mode)."""
+        if not self.columns:
+            return None
+        try:
+            return grid_bounds(json.loads(sample["json"])["image_percentiles"], self.columns)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BadSample(f"sample {sample.get('__key__')}: no usable per-image percentiles in its .json "
+                            f"({exc!r})") from exc
+
+
+Item = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 
 class BatchBuffer:
     """One batch assembled in place: each sample is normalised (and intensity-augmented) straight into
     preallocated arrays, and flipped tiles are copied from views, so no per-sample copies and no stacking."""
 
-    def __init__(self, size: int, stats: IntensityStats) -> None:
-        self.size, self.stats = size, stats
+    def __init__(self, size: int, norm: Normalization) -> None:
+        self.size, self.norm = size, norm
         self.keys: list[str] = []
         self.image: np.ndarray | None = None
         self.label: np.ndarray | None = None
@@ -112,8 +139,11 @@ class BatchBuffer:
         return len(self.keys)
 
     def add(self, key: str, image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
-            post: Callable[[np.ndarray], Any] | None = None) -> None:
-        """Write one sample; `post` then changes its normalised image in place. BadSample if it does not fit."""
+            bounds: np.ndarray | None = None, post: Callable[[np.ndarray], Any] | None = None) -> None:
+        """Write one sample; `post` then changes its normalised image in place. BadSample if it does not fit.
+
+        `bounds`: the per-image percentiles of the tile's source image (percentile mode).
+        """
         if self.image is None:
             self.image = np.empty((self.size, *image.shape), np.float32)
             self.label = np.empty((self.size, *label.shape), np.int64)
@@ -123,7 +153,7 @@ class BatchBuffer:
             raise BadSample(f"sample {key}: image {image.shape} (weight map: {weight is not None}) does not fit "
                             f"the batch's {self.image.shape[1:]} (weight map: {self.weight is not None})")
         n = len(self.keys)
-        normalize(image, self.stats, out=self.image[n])
+        normalize(image, self.norm, bounds, out=self.image[n])
         if post is not None:
             post(self.image[n])
         np.copyto(self.label[n], label)  # uint8 -> int64 in the same pass
@@ -152,7 +182,7 @@ class TrainPlan:
 
     urls: list[str]
     counts: list[int] | None  # samples per shard, when known
-    stats: IntensityStats
+    normalizer: Normalizer
     batch_size: int
     shuffle_buffer: int
     augment: AugmentConfig
@@ -176,12 +206,13 @@ def lane_batches(plan: TrainPlan, lane: int, skip: int, count: int) -> Iterator[
     if plan.shuffle_buffer > 1:
         rng = random.Random(_seed(plan.seed, plan.rank, lane, plan.epoch, 2))
         raw = shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=rng)(raw)
-    batch = BatchBuffer(plan.batch_size, plan.stats)
+    batch = BatchBuffer(plan.batch_size, plan.normalizer.norm)
     bad_run, give_up = 0, max(1000, 3 * sum(plan.counts)) if plan.counts else 10000
     for position, sample in itertools.islice(enumerate(raw), skip * plan.batch_size, None):
         try:
             image, label, weight = _decode(sample, plan.num_classes, plan.weights)  # skipped samples: never decoded
-            _add_augmented(batch, plan, lane, position, sample["__key__"], image, label, weight)
+            bounds = plan.normalizer.bounds(sample)
+            _add_augmented(batch, plan, lane, position, sample["__key__"], image, label, weight, bounds)
         except BadSample as exc:
             skips(str(sample.get("__url__")), str(exc))
             bad_run += 1
@@ -192,23 +223,23 @@ def lane_batches(plan: TrainPlan, lane: int, skip: int, count: int) -> Iterator[
         bad_run = 0
         if len(batch) == plan.batch_size:
             yield batch.tensors(skips.take())
-            batch = BatchBuffer(plan.batch_size, plan.stats)
+            batch = BatchBuffer(plan.batch_size, plan.normalizer.norm)
             count -= 1
             if count == 0:
                 return
 
 
 def _add_augmented(batch: BatchBuffer, plan: TrainPlan, lane: int, position: int, key: str, image: np.ndarray,
-                   label: np.ndarray, weight: np.ndarray | None) -> None:
+                   label: np.ndarray, weight: np.ndarray | None, bounds: np.ndarray | None) -> None:
     """Geometry on the raw tile, normalisation, then intensity changes; all seeded by the position."""
     aug = plan.augment
     if not aug.enabled:
-        batch.add(key, image, label, weight)
+        batch.add(key, image, label, weight, bounds)
         return
     rng = sample_rng(plan.seed, plan.rank, lane, plan.epoch, position)
     code = augment_code(plan.seed, plan.rank, lane, plan.epoch, position)
     image, label, weight = spatial(rng, aug, code, image, label, weight, copy=False)
-    batch.add(key, image, label, weight, post=lambda out: intensity(rng, aug, out))
+    batch.add(key, image, label, weight, bounds, post=lambda out: intensity(rng, aug, out))
 
 
 class TrainStream(IterableDataset):
@@ -238,25 +269,26 @@ def val_assignment(shards: int, slots: int, slot: int) -> list[tuple[int, int, i
 class ValStream(IterableDataset):
     """One rank's share of the validation tiles, in a fixed order, without augmentation."""
 
-    def __init__(self, manifest: Manifest, batch_size: int, rank: int, world_size: int, lanes: int) -> None:
-        self.urls, self.counts, self.stats = list(manifest.val_shards), manifest.val_shard_samples, manifest.stats
+    def __init__(self, manifest: Manifest, normalizer: Normalizer, batch_size: int, rank: int, world_size: int,
+                 lanes: int) -> None:
+        self.urls, self.counts, self.normalizer = list(manifest.val_shards), manifest.val_shard_samples, normalizer
         self.num_classes, self.weights, self.batch_size = manifest.num_classes, manifest.weights, batch_size
         self.rank, self.world_size, self.lanes = rank, world_size, lanes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         skips = SkipLog("validation")
         ready: BatchBuffer | None = None  # a full batch held back, so the last batch also counts skips after it
-        batch = BatchBuffer(self.batch_size, self.stats)
-        for key, image, label, weight in self._items(skips):
+        batch = BatchBuffer(self.batch_size, self.normalizer.norm)
+        for key, image, label, weight, bounds in self._items(skips):
             try:
-                batch.add(key, image, label, weight)
+                batch.add(key, image, label, weight, bounds)
             except BadSample as exc:
                 skips(key, str(exc))
                 continue
             if len(batch) == self.batch_size:
                 if ready is not None:
                     yield ready.tensors(skips.take())
-                ready, batch = batch, BatchBuffer(self.batch_size, self.stats)
+                ready, batch = batch, BatchBuffer(self.batch_size, self.normalizer.norm)
         for last in [b for b in (ready, batch) if b is not None and len(b)]:
             yield last.tensors(skips.take())
 
@@ -270,10 +302,11 @@ class ValStream(IterableDataset):
                     continue
                 try:
                     image, label, weight = _decode(sample, self.num_classes, self.weights)
+                    bounds = self.normalizer.bounds(sample)
                 except BadSample as exc:
                     skips(str(sample.get("__url__")), str(exc))
                     continue
-                yield sample["__key__"], image, label, weight
+                yield sample["__key__"], image, label, weight, bounds
 
 
 def _ignore(where: str, problem: str) -> None:
@@ -316,7 +349,8 @@ def train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size:
     total = batches_per_epoch(data, manifest, world_size)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch must be in [0, {total}] (batches per epoch), got {start_batch}")
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples, stats=manifest.stats,
+    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples,
+                     normalizer=Normalizer.of(data, manifest),
                      batch_size=data.batch_size, shuffle_buffer=data.shuffle_buffer,
                      augment=augment, num_classes=manifest.num_classes,
                      weights=manifest.weights, seed=seed, rank=rank, epoch=epoch, lanes=max(1, data.workers),
@@ -332,5 +366,6 @@ def val_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: i
     """
     _check_rank(rank, world_size)
     _check_shards(manifest.val_shards, manifest.val_samples, "validation", manifest.root)
-    dataset = ValStream(manifest, data.batch_size, rank, world_size, max(1, data.workers))
+    dataset = ValStream(manifest, Normalizer.of(data, manifest), data.batch_size, rank, world_size,
+                        max(1, data.workers))
     return _loader(dataset, data.workers, pin_memory)

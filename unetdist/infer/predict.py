@@ -10,16 +10,20 @@ to the sums of the whole frame (`finalize` divides).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from unetdist.data.manifest import IntensityStats, normalize
+from unetdist.data.normalize import IntensityStats, Normalization, normalize, unusual_intensity
 from unetdist.infer.windows import (BLENDS, Window, WindowGrid, check_tiling, default_margin, edge_weight, inner_edges,
                                    window_grid)
 from unetdist.model import UNet
+
+log = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
@@ -75,15 +79,19 @@ class SlidingWindowPredictor:
 
     Args:
         model: the UNet (put in eval mode and moved to `device` here).
-        stats: the training normalisation, applied to the raw pixels of each window's band.
+        norm: the training normalisation (`unetdist.data.normalize`), applied to the raw pixels of each
+            window's band; in percentile mode with the percentiles of the whole frame. Dataset
+            statistics alone mean the ``dataset`` mode.
         options: see `PredictOptions`.
         device: where the model runs; blending happens on the CPU.
     """
 
-    def __init__(self, model: UNet, stats: IntensityStats, options: PredictOptions, device: torch.device) -> None:
+    def __init__(self, model: UNet, norm: Normalization | IntensityStats, options: PredictOptions,
+                 device: torch.device) -> None:
         options.validate()
         self.model = model.eval().to(device)
-        self.stats, self.options, self.device = stats, options, device
+        self.norm = norm if isinstance(norm, Normalization) else Normalization("dataset", norm)
+        self.options, self.device = options, device
         self.num_classes = int(model.hparams["num_classes"])
         self.align = 2 ** int(model.hparams["depth"])
         self.min_side = self.align * (2 if model.hparams["norm"] == "instance" else 1)
@@ -146,7 +154,7 @@ class SlidingWindowPredictor:
     def _normalized(self, frame: np.ndarray, y0: int, y1: int, grid: WindowGrid) -> np.ndarray:
         """float32 normalised rows [y0, y1) of the frame, padded to the grid's size if the frame is smaller."""
         height, width = frame.shape[-2:]
-        part = normalize(frame[:, y0:min(y1, height)], self.stats)
+        part = normalize(frame[:, y0:min(y1, height)], self.norm, self.norm.bounds(frame))  # bounds: whole frame
         pad_h, pad_w = (y1 - y0) - part.shape[-2], grid.width - width
         if pad_h or pad_w:
             part = np.pad(part, [(0, 0), (0, pad_h), (0, pad_w)], mode="reflect")
@@ -167,3 +175,16 @@ class SlidingWindowPredictor:
                 total = out if total is None else total + out
         assert total is not None
         return (total / len(flips)).cpu()
+
+
+def warn_unusual_intensity(path: Path, frames: Iterable[np.ndarray], norm: Normalization | IntensityStats,
+                           trained_dtype: str = "") -> bool:
+    """Log one warning naming `path` when one of its C x H x W frames is far from the model's training
+    intensities (see `unetdist.data.normalize.unusual_intensity`); True if it warned."""
+    norm = norm if isinstance(norm, Normalization) else Normalization("dataset", norm)
+    for t, frame in enumerate(frames):
+        problem = unusual_intensity(frame, norm, trained_dtype)
+        if problem:
+            log.warning("%s%s: %s", path, f" (frame {t})" if t else "", problem)
+            return True
+    return False

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unetdist.data.manifest import IntensityStats
+from unetdist.data.normalize import Normalization
 from unetdist.parallel.collectives import barrier, broadcast_object, recv, send
 from unetdist.parallel.env import DistEnv
 from unetdist.infer.instances import label_instances
@@ -31,7 +31,7 @@ from unetdist.infer.io import (FrameLayout, OutputPaths, OutputWriter, expand_in
                                read_frames)
 from unetdist.infer.model_file import ModelInfo, load_model_file
 from unetdist.infer.plan import FileCost, Plan, SharedFile, make_plan
-from unetdist.infer.predict import Band, PredictOptions, SlidingWindowPredictor
+from unetdist.infer.predict import Band, PredictOptions, SlidingWindowPredictor, warn_unusual_intensity
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Context:
     predictor: SlidingWindowPredictor
     outputs: OutputOptions
     progress: Callable[[int], None]
+    trained_dtype: str = ""  # the training images' dtype, for the out-of-range warning
 
 
 def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, options: PredictOptions,
@@ -91,7 +92,7 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
     desc = "predict" if env.world_size == 1 else f"predict, rank 0 of {env.world_size}"
     bar = tqdm(total=plan.windows_of(env.rank, costs), unit="window", desc=desc, disable=not env.is_main,
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-    ctx = Context(env, predictor, outputs, bar.update)
+    ctx = Context(env, predictor, outputs, bar.update, str(info.data.get("dtype", "")))
     start = time.perf_counter()
     written: list[Path] = []
     try:
@@ -151,6 +152,7 @@ def _predict_whole(ctx: Context, files: list[InputFile]) -> list[Path]:
         for k, file in enumerate(files):
             assert pending is not None
             frames = pending.result()
+            warn_unusual_intensity(file.path, frames, ctx.predictor.norm, ctx.trained_dtype)
             pending = reader.submit(read_frames, files[k + 1].path, files[k + 1].layout) if k + 1 < len(files) else None
             writer = _writer(ctx, file)
             try:
@@ -169,6 +171,8 @@ def _predict_shared(ctx: Context, shared: SharedFile, file: InputFile) -> list[P
     env, predictor, layout = ctx.env, ctx.predictor, file.layout
     owner = env.rank == shared.owner
     frames = read_frames(file.path, layout) if any(p.rank == env.rank for r in shared.rounds for p in r) else None
+    if owner and frames is not None:
+        warn_unusual_intensity(file.path, frames, predictor.norm, ctx.trained_dtype)
     writer = _writer(ctx, file) if owner else None
     grid = predictor.grid(layout.height, layout.width)
     try:
@@ -211,14 +215,14 @@ def _recv_band(rows: tuple[int, int], width: int, src: int, ctx: Context) -> Ban
     return Band(y0, y1, acc.cpu(), weight.cpu())
 
 
-def _summary(info: ModelInfo, stats: IntensityStats, options: PredictOptions, outputs: OutputOptions,
+def _summary(info: ModelInfo, norm: Normalization, options: PredictOptions, outputs: OutputOptions,
              files: list[InputFile], plan: Plan, env: DistEnv, seconds: float) -> dict[str, Any]:
     megapixels = sum(f.layout.pixels for f in files) / 1e6
     shared = {s.index for s in plan.shared}
     owner = {i: r for r, idx in enumerate(plan.whole) for i in idx} | {s.index: s.owner for s in plan.shared}
     return {
         "model": {"path": str(info.path), "kind": info.kind, "step": info.step, "hparams": info.hparams},
-        "normalization": asdict(stats),
+        "normalization": {**norm.to_dict(), **norm.stats.to_dict()},
         "options": {**asdict(options), "margin": options.resolved_margin},
         "outputs": asdict(outputs),
         "world_size": env.world_size,

@@ -167,5 +167,5 @@ def _validate(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, l
 
 
 def _save(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, ckpt_dir: Path) -> None:
-    trainer.save(ckpt_dir, {"data": manifest.checkpoint_info()})  # collective: every rank takes part
+    trainer.save(ckpt_dir, {"data": manifest.checkpoint_info(cfg.data.normalize)})  # collective: every rank takes part
     barrier(env)
