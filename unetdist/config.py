@@ -225,9 +225,6 @@ def validate(cfg: Config) -> None:
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
-        (cfg.data.shard.tile >= 8, "data.shard.tile must be >= 8"),
-        (0 <= cfg.data.shard.overlap < cfg.data.shard.tile, "data.shard.overlap must be in [0, tile)"),
-        (0.0 < cfg.data.shard.val_fraction < 1.0, "data.shard.val_fraction must be in (0, 1)"),
         *_data_checks(cfg.data),
         (cfg.run.stop_at >= 0, "run.stop_at must be >= 0 (0: run to train.steps)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
@@ -259,18 +256,39 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
         (0.0 <= data.normalize.low < data.normalize.high <= 100.0,
          f"data.normalize.low={data.normalize.low} and data.normalize.high={data.normalize.high} must satisfy "
          "0 <= low < high <= 100 (percentiles)"),
-        (shard.min_shards >= 1, "data.shard.min_shards must be >= 1"),
-        (shard.frame_block >= 0, "data.shard.frame_block must be >= 0 (0: a whole stack is one split unit)"),
-        (0.0 <= shard.min_foreground <= 1.0, "data.shard.min_foreground must be in [0, 1]"),
-        (0.0 <= shard.empty_keep <= 1.0, "data.shard.empty_keep must be in [0, 1]"),
-        (shard.w0 >= 0 and shard.sigma > 0, "data.shard.w0 must be >= 0 and data.shard.sigma > 0"),
-        (shard.workers >= 0, "data.shard.workers must be >= 0 (0: automatic)"),
+        *((False, problem) for problem in shard_problems(shard)),
         (aug.crop == 0 or aug.crop >= 8, "data.augment.crop must be 0 (whole tiles) or >= 8"),
         *((0.0 <= getattr(aug, p) <= 1.0, f"data.augment.{p} must be a probability in [0, 1]") for p in probabilities),
         (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),
         (aug.elastic_grid >= 2, "data.augment.elastic_grid must be >= 2"),
         (aug.blur_sigma >= 0.5, "data.augment.blur_sigma must be >= 0.5"),
     ]
+
+
+def shard_problems(shard: ShardConfig, name: typing.Callable[[str], str] = lambda key: f"data.shard.{key}") -> list[str]:
+    """What is wrong with shard settings; `name` spells a key as the user wrote it (config key or flag)."""
+    checks = [
+        (shard.tile >= 8, f"{name('tile')}={shard.tile} must be >= 8"),
+        (0 <= shard.overlap < shard.tile, f"{name('overlap')}={shard.overlap} must be in [0, tile={shard.tile})"),
+        (shard.shard_bytes >= 1, f"{name('shard_bytes')}={shard.shard_bytes} must be >= 1"),
+        (0.0 < shard.val_fraction < 1.0, f"{name('val_fraction')}={shard.val_fraction} must be in (0, 1)"),
+        (shard.min_shards >= 1, f"{name('min_shards')}={shard.min_shards} must be >= 1"),
+        (shard.frame_block >= 0, f"{name('frame_block')}={shard.frame_block} must be >= 0 "
+                                 "(0: a whole stack is one split unit)"),
+        (0.0 <= shard.min_foreground <= 1.0, f"{name('min_foreground')}={shard.min_foreground} must be in [0, 1]"),
+        (0.0 <= shard.empty_keep <= 1.0, f"{name('empty_keep')}={shard.empty_keep} must be in [0, 1]"),
+        (shard.w0 >= 0, f"{name('w0')}={shard.w0} must be >= 0"),
+        (shard.sigma > 0, f"{name('sigma')}={shard.sigma} must be > 0"),
+        (shard.workers >= 0, f"{name('workers')}={shard.workers} must be >= 0 (0: automatic)"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def check_shard(shard: ShardConfig, name: typing.Callable[[str], str] = lambda key: f"data.shard.{key}") -> None:
+    """ConfigError naming the first bad shard setting (the same checks for the config and `unetdist shard`)."""
+    problems = shard_problems(shard, name)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -54,8 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="Dice, IoU and instance F1 of predictions against label images",
                        description="Score label images written by `unetdist predict` (--pred), or run a model "
-                                   "first (--checkpoint with --images). Files are matched in sorted order.")
-    p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices)")
+                                   "first (--checkpoint with --images). Labels are paired with images and predictions by name.")
+    p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices), paired by name: "
+                   "NAME.tif with NAME_masks.tif (--mask-suffix) or NAME_labels.tif (predictions), the same NAME "
+                   "in another folder, or what a glob's * matches")
+    p.add_argument("--mask-suffix", default="_masks", help="label names are image names plus this suffix")
     p.add_argument("--pred", nargs="+", help="predicted label images")
     p.add_argument("--checkpoint", help="predict with this model first (checkpoint, run folder or model file)")
     p.add_argument("--images", nargs="+", help="the raw images: needed with --checkpoint, and for overlays")
