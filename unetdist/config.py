@@ -31,12 +31,19 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    in_channels: int = 1
-    num_classes: int = 2
+    in_channels: int | None = None  # None: the dataset's (manifest.json); stated values are checked against it
+    num_classes: int | None = None  # None: the dataset's; both 1 and 2 where no dataset tells (benchmarks)
     base_width: int = 64
     depth: int = 4
     bilinear: bool = False
     norm: Literal["batch", "group", "instance"] = "batch"
+
+    def hparams(self) -> dict[str, Any]:
+        """`UNet(**hparams)` arguments; channels and classes not (yet) taken from a dataset are 1 and 2."""
+        out = dataclasses.asdict(self)
+        out["in_channels"] = 1 if self.in_channels is None else self.in_channels
+        out["num_classes"] = 2 if self.num_classes is None else self.num_classes
+        return out
 
 
 @dataclass
@@ -218,8 +225,9 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     checks = [
-        (cfg.model.in_channels >= 1, "model.in_channels must be >= 1"),
-        (cfg.model.num_classes >= 2, "model.num_classes must be >= 2 (background + at least one class)"),
+        (cfg.model.in_channels is None or cfg.model.in_channels >= 1, "model.in_channels must be >= 1"),
+        (cfg.model.num_classes is None or cfg.model.num_classes >= 2,
+         "model.num_classes must be >= 2 (background + at least one class)"),
         (cfg.model.base_width >= 1, "model.base_width must be >= 1"),
         (cfg.model.depth >= 1, "model.depth must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),

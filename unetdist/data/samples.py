@@ -58,6 +58,7 @@ class FrameResult:
     samples: list[tuple[str, dict[str, bytes]]]
     summary: dict[str, Any]  # intensity histogram or pixel sample, per channel
     class_pixels: np.ndarray
+    percentiles: list[list[float]]  # per channel, the whole frame's percentiles at normalize.PERCENTILE_GRID
 
 
 @lru_cache(maxsize=1)
@@ -98,7 +99,6 @@ def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights
         instances = to_instances(raw, classes, shard.labels, num_classes)
         weight = weight_map(classes, instances, weights, shard.w0, shard.sigma)
     samples = []
-    percentiles = image_percentiles(image, "CYX", PERCENTILE_GRID, MAX_PIXELS).tolist()  # of the whole image
     frame_tag = f"_t{task.frame:05d}" if task.frames > 1 else ""
     weight_tiles = iter_tiles(weight[None], None, shard.tile, shard.overlap) if weight is not None else None
     for number, tile in enumerate(iter_tiles(image, classes, shard.tile, shard.overlap)):
@@ -111,14 +111,15 @@ def frame_samples(task: FrameTask, shard: ShardConfig, num_classes: int, weights
         foreground = float((tile.label[: tile.valid_h, : tile.valid_w] > 0).mean())
         meta = {"source": task.source, "source_index": task.index, "y": tile.y, "x": tile.x,
                 "valid_h": tile.valid_h, "valid_w": tile.valid_w, "tile": shard.tile, "split": task.split,
-                "foreground": round(foreground, 6), "image_percentiles": percentiles,
+                "foreground": round(foreground, 6),
                 "crc32": {name: zlib.crc32(data) for name, data in members.items()}}
         if task.frames > 1:
             meta["frame"] = task.frame
         members["json"] = json.dumps(meta, sort_keys=True).encode()
         samples.append((f"s{task.index:06d}{frame_tag}_y{tile.y:05d}_x{tile.x:05d}", members))
     counts = np.bincount(classes.ravel(), minlength=num_classes)[:num_classes]
-    return FrameResult(samples, intensity_summary(image, (seed, task.index, task.frame)), counts)
+    percentiles = image_percentiles(image, "CYX", PERCENTILE_GRID, MAX_PIXELS).tolist()  # of the whole frame
+    return FrameResult(samples, intensity_summary(image, (seed, task.index, task.frame)), counts, percentiles)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -3,8 +3,10 @@
 Shards hold raw tiles, not decoded images, so 8/12/16-bit data stays bit-exact: each sample is
 `<key>.img.npy` (C x T x T, the source dtype), `<key>.lbl.npy` (T x T uint8 classes), with weight
 maps `<key>.wgt.npy` (T x T float16), and `<key>.json` (source, source_index, frame for stacks,
-y, x, valid_h, valid_w, tile, split, foreground fraction, and the CRC-32 of every member so a
-reader can tell a damaged sample from a good one).
+y, x, valid_h, valid_w, tile, split, foreground fraction, the CRC-32 of every member so a reader
+can tell a damaged sample from a good one). The manifest's `image_percentiles.images[i][t]` holds,
+per channel, the percentiles (at `normalize.PERCENTILE_GRID`) of the whole frame t of input i, so
+training normalises a tile as prediction will normalise the whole image.
 
 Order of work: a first pass reads every label file and image header and checks them (shapes,
 frames, channels, dtypes, label values), so bad input stops with an error naming the file before
@@ -12,9 +14,10 @@ any shard is written; a second pass tiles the frames, in worker processes when t
 large (`samples.frame_samples`), and the main process writes the results in a fixed order, so
 the shards are byte-identical whatever the number of processes. The split into train and
 validation is by source image, or for stacks by blocks of `frame_block` consecutive frames, or
-as an input list says, so no frame contributes tiles to both. Each tar is written under a `.tmp`
-name and renamed when complete; `manifest.json` is written last (and removed first), so an
-interrupted run never leaves a folder that looks like a complete dataset.
+as an input list says, so no frame contributes tiles to both. Everything is built in a temporary
+folder inside the output folder and swapped in only when complete (renames only; the old
+manifest goes first and the new one last), so an error never costs the dataset already there and
+an interrupted run never leaves a folder that looks like a complete dataset.
 
 Empty tiles: training tiles whose foreground fraction (of the part inside the image) is below
 `min_foreground` are kept with probability `empty_keep` (seeded per tile): 0 rejects them, 0.25
@@ -234,10 +237,12 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
 
 def _manifest(shard: ShardConfig, num_classes: int, surveys: list[PairSurvey], pairs: list[Pair],
               splits: dict[str, Any], weights: np.ndarray | None, dataset: dict[str, Any] | None) -> dict[str, Any]:
+    splits = dict(splits)
+    stats, percentiles = splits.pop("stats"), splits.pop("image_percentiles")
     return {
         "format": FORMAT, "tile": shard.tile, "overlap": shard.overlap, "channels": surveys[0].channels,
         "dtype": surveys[0].dtype, "num_classes": num_classes, "val_fraction": shard.val_fraction,
-        "seed": shard.seed, "stats": splits.pop("stats"), **splits,
+        "seed": shard.seed, "stats": stats, **splits,
         "tile_shape": [surveys[0].channels, shard.tile, shard.tile], "label_dtype": "uint8",
         "axes": shard.axes, "labels": shard.labels, "frame_block": shard.frame_block,
         "filter": {"min_foreground": shard.min_foreground, "empty_keep": shard.empty_keep},
@@ -245,7 +250,7 @@ def _manifest(shard: ShardConfig, num_classes: int, surveys: list[PairSurvey], p
                        "class_balance": shard.class_balance, "dtype": "float16",
                        "class_weights": None if weights is None else weights.tolist()},
         "checksum": "crc32",
-        "image_percentiles": {"percentiles": list(PERCENTILE_GRID), "max_pixels": MAX_PIXELS},
+        "image_percentiles": percentiles,
         "inputs": [{"image": str(p.image), "label": str(p.label), "frames": s.frames, "channels": s.channels,
                     "height": s.height, "width": s.width} for p, s in zip(pairs, surveys)],
         "dataset": dataset or {},
@@ -282,6 +287,7 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
     sinks = {s: ShardSink(build, s, shard.shard_bytes,
                           math.ceil(expected[s] / shard.min_shards) if shard.min_shards > 1 else None) for s in tasks}
     stats = IntensityAccumulator(shard.seed)
+    percentiles: list[list[Any]] = [[None] * s.frames for s in surveys]  # [input][frame]: C x len(grid)
     pixels = {s: np.zeros(surveys[0].class_pixels.shape[1], np.int64) for s in tasks}
     order = [(s, t) for s in ("train", "val") for t in tasks[s]]
     try:
@@ -289,6 +295,7 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
             if split == "train":
                 stats.add_summary(result.summary)
             pixels[split] += result.class_pixels
+            percentiles[task.index][task.frame] = result.percentiles
             for key, members in result.samples:
                 sinks[split].add(key, members)
         for sink in sinks.values():
@@ -297,7 +304,8 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
         for sink in sinks.values():
             sink.abort()
         raise
-    out: dict[str, Any] = {"stats": stats.result()}
+    out: dict[str, Any] = {"stats": stats.result(), "image_percentiles": {
+        "percentiles": list(PERCENTILE_GRID), "max_pixels": MAX_PIXELS, "images": percentiles}}
     for split, sink in sinks.items():
         total = int(pixels[split].sum())
         sources = sorted({_source_name(pairs[i].image, out_dir) for i, _ in units[split]})

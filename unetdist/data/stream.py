@@ -9,7 +9,8 @@ Training, per rank: the epoch's `batches_per_epoch` batches are dealt round-robi
 DataLoader collects its workers' batches. Each lane is an endless stream of shards resampled with
 replacement (the first one entered at a random sample, so that short epochs still reach the
 end of every shard), then a sample shuffle buffer, then decoding (with integrity checks), augmentation
-seeded by the sample's position in the lane, normalisation and batching (written in place into the
+seeded by the sample's position in the lane, normalisation (`data/normalize.py`: by default with the
+percentiles of the tile's whole source frame, from the manifest) and batching (written in place into the
 batch arrays); every random choice is seeded from (seed, rank, lane, epoch). Resuming at batch k hands worker w the lane of batch k + w and skips
 that lane's earlier samples raw (before decoding), so the batches after k are exactly those of an
 unbroken epoch. The data order depends on `data.workers`: resuming with a different worker count
@@ -98,27 +99,31 @@ def _decode(sample: dict[str, Any], num_classes: int, weights: bool) -> tuple[np
 
 @dataclass(frozen=True)
 class Normalizer:
-    """The normalisation of a run and where its per-image bounds sit in each tile's stored percentiles."""
+    """The normalisation of a run, and in percentile mode the (low, high) percentiles of every source frame."""
 
     norm: Normalization
-    columns: tuple[int, ...] = ()
+    bounds_of: dict[tuple[int, int], np.ndarray] | None = None  # (source_index, frame) -> C x 2
 
     @classmethod
     def of(cls, data: DataConfig, manifest: Manifest) -> Normalizer:
         norm = manifest.normalization(data.normalize)
         if norm.mode == "dataset":
             return cls(norm)
-        return cls(norm, tuple(grid_columns(manifest.image_percentiles, norm.percentiles, manifest.root)))
+        columns = grid_columns(manifest.image_percentiles, norm.percentiles, manifest.root)
+        images = manifest.raw["image_percentiles"]["images"]
+        return cls(norm, {(i, t): grid_bounds(frame, columns) for i, frames in enumerate(images)
+                          for t, frame in enumerate(frames) if frame is not None})
 
     def bounds(self, sample: dict[str, Any]) -> np.ndarray | None:
-        """The percentiles of the whole image a tile was cut from (None in dataset mode)."""
-        if not self.columns:
+        """The percentiles of the whole frame a tile was cut from (None in dataset mode)."""
+        if self.bounds_of is None:
             return None
         try:
-            return grid_bounds(json.loads(sample["json"])["image_percentiles"], self.columns)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise BadSample(f"sample {sample.get('__key__')}: no usable per-image percentiles in its .json "
-                            f"({exc!r})") from exc
+            meta = json.loads(sample["json"])
+            return self.bounds_of[int(meta["source_index"]), int(meta.get("frame", 0))]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadSample(f"sample {sample.get('__key__')}: its source image has no percentiles in the "
+                            f"manifest ({exc!r})") from exc
 
 
 Item = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]

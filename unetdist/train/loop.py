@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -32,6 +32,7 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     """Train to `train.steps`, resuming where a previous run of the same folder stopped."""
     run_dir = Path(cfg.run.dir)
     manifest = _open_data(cfg)
+    cfg = replace(cfg, model=replace(cfg.model, in_channels=manifest.channels, num_classes=manifest.num_classes))
     trainer = build_trainer(cfg, env)
     _resume(cfg, env, trainer, run_dir / "checkpoints")
     if env.is_main:
@@ -70,7 +71,7 @@ def _hparams(cfg: Config, env: DistEnv) -> dict[str, float | int | str | bool]:
 def _open_data(cfg: Config) -> Manifest:
     root = ensure_dataset(cfg.data, cfg.model.num_classes)
     manifest = open_manifest(root, cfg.data)
-    if manifest.channels != cfg.model.in_channels:
+    if cfg.model.in_channels is not None and manifest.channels != cfg.model.in_channels:
         raise ConfigError(
             f"data in {root} has {manifest.channels} channel(s) but model.in_channels={cfg.model.in_channels}; "
             f"set model.in_channels={manifest.channels}"
@@ -78,7 +79,7 @@ def _open_data(cfg: Config) -> Manifest:
     if cfg.train.weight_map and not manifest.weights:
         raise ConfigError(f"train.weight_map=true but the shards in {root} hold no weight maps; "
                           "re-shard with --weight-map (data.shard.weight_map=true) or set train.weight_map=false")
-    if manifest.num_classes != cfg.model.num_classes:
+    if cfg.model.num_classes is not None and manifest.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"data in {root} has {manifest.num_classes} classes but model.num_classes={cfg.model.num_classes}; "
             f"set model.num_classes={manifest.num_classes}"
@@ -128,7 +129,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
                 height, width = batch["image"].shape[-2:]
-                flops = train_step_flops_for(asdict(cfg.model), height, width, 1, cfg.train.activation_checkpointing)
+                flops = train_step_flops_for(cfg.model.hparams(), height, width, 1, cfg.train.activation_checkpointing)
                 values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
