@@ -11,7 +11,8 @@
 # parallel.backend=deepspeed` instead, and on one machine `launch/local.sh CONFIG parallel.backend=deepspeed`
 # (torchrun starts the same DeepSpeed trainer).
 #
-# Variables: HOSTFILE (./hostfile if present)  NUM_GPUS (GPUs per node: visible GPUs, or 1 without GPUs)
+# Variables: HOSTFILE (./hostfile if present)  NUM_GPUS (GPUs per node; default: the hostfile's slots, else the
+#   GPUs in CUDA_VISIBLE_DEVICES, passed by index as --include localhost:IDS, else all GPUs, or 1 without GPUs)
 #   MASTER_ADDR / MASTER_PORT (default: the first host, 29500)  LAUNCHER (pdsh; or openmpi, mvapich, ...)
 #   DEEPSPEED (the repository's .venv/bin/deepspeed, else deepspeed on PATH)  DRY_RUN=1 (print, run nothing)
 set -euo pipefail
@@ -29,18 +30,30 @@ if [ -z "${HOSTFILE:-}" ] && [ -f hostfile ]; then HOSTFILE=hostfile; fi
 if [ -z "${DEEPSPEED:-}" ]; then
   if [ -x "$REPO/.venv/bin/deepspeed" ]; then DEEPSPEED=$REPO/.venv/bin/deepspeed; else DEEPSPEED=deepspeed; fi
 fi
-if [ -z "${NUM_GPUS:-}" ]; then
-  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    NUM_GPUS=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
-  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    NUM_GPUS=$(nvidia-smi -L | grep -c '^GPU' || true)
-  fi
-  if [ "${NUM_GPUS:-0}" -lt 1 ]; then NUM_GPUS=1; fi
-fi
-
 cmd=("$DEEPSPEED")
-if [ -n "${HOSTFILE:-}" ]; then cmd+=(--hostfile "$HOSTFILE"); fi
-cmd+=(--num_gpus "$NUM_GPUS")
+if [ -n "${HOSTFILE:-}" ]; then
+  # Each host's GPUs come from the hostfile's slots (this machine's CUDA_VISIBLE_DEVICES says nothing about them).
+  cmd+=(--hostfile "$HOSTFILE")
+  if [ -n "${NUM_GPUS:-}" ]; then cmd+=(--num_gpus "$NUM_GPUS"); fi
+elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  # DeepSpeed's launcher drops CUDA_VISIBLE_DEVICES and, given --num_gpus N, uses GPUs 0..N-1: name the
+  # visible ones instead (CUDA_VISIBLE_DEVICES=4,5,6,7 -> --include localhost:4,5,6,7), the first NUM_GPUS of them.
+  ids=$(echo "$CUDA_VISIBLE_DEVICES" | tr "," "\n" | grep . | head -n "${NUM_GPUS:-1000}" | paste -sd, - || true)
+  if ! [[ "$ids" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    log "error: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES is not a list of GPU indices (UUIDs?), which DeepSpeed's" \
+      "launcher needs; use indices, or launch/local.sh CONFIG parallel.backend=deepspeed (torchrun keeps the variable)"
+    exit 2
+  fi
+  cmd+=(--include "localhost:$ids")
+else
+  if [ -z "${NUM_GPUS:-}" ]; then
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+      NUM_GPUS=$(nvidia-smi -L | grep -c '^GPU' || true)
+    fi
+    if [ "${NUM_GPUS:-0}" -lt 1 ]; then NUM_GPUS=1; fi
+  fi
+  cmd+=(--num_gpus "$NUM_GPUS")
+fi
 if [ -n "${MASTER_ADDR:-}" ]; then cmd+=(--master_addr "$MASTER_ADDR"); fi
 if [ -n "${MASTER_PORT:-}" ]; then cmd+=(--master_port "$MASTER_PORT"); fi
 if [ -n "${LAUNCHER:-}" ]; then cmd+=(--launcher "$LAUNCHER"); fi

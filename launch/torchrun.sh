@@ -19,8 +19,10 @@
 #   newest complete checkpoint)  SHUTDOWN_TIMEOUT (240)  PYTHON (the repository's .venv/bin/python, else python3)
 #   DRY_RUN=1 (print the command, run nothing)
 #
-# SIGUSR1 to the torchrun agent stops training cleanly: every rank finishes its step, a checkpoint is
-# written, and the workers exit 75 (resumable); run the same command again to continue.
+# SIGUSR1 to the agent (this script's process) stops training cleanly: every rank finishes its step, a
+# checkpoint is written, and the script exits 75 (resumable); run the same command again to continue.
+# A configuration error (exit 2) is never restarted: the script exits 2 after one attempt. Other failures
+# are restarted up to MAX_RESTARTS times, then the script exits 1.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -56,7 +58,9 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}
 # (torch 2.13; pytorch issue 135712): give the workers their own store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
-cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE")
+# unetdist.parallel.agent is torchrun (same options) that exits 2 without restarting on a configuration
+# error and 75 (resumable) when its workers stopped with a checkpoint after SIGUSR1.
+cmd=("$PYTHON" -m unetdist.parallel.agent --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE")
 if [ -n "${RDZV_ENDPOINT:-}" ] || [ -n "${MASTER_ADDR:-}" ]; then
   endpoint=${RDZV_ENDPOINT:-$MASTER_ADDR:${MASTER_PORT:-29500}}
   cmd+=(--rdzv_backend=c10d --rdzv_endpoint="$endpoint" --rdzv_id="${RDZV_ID:-unetdist}")

@@ -17,7 +17,7 @@
 # and exits 75 (EX_TEMPFAIL: resumable; submit again).
 #
 # Environment knobs (all optional): PYTHON (default .venv/bin/python, else python3), NPROC_PER_NODE
-# (default: the GPUs SLURM gave this node, or 1), RDZV_PORT (default 20000 + job id % 10000),
+# (default: the GPUs SLURM gave this node, checked against nvidia-smi -L; see below), RDZV_PORT (default 20000 + job id % 10000),
 # MAX_RESTARTS (elastic restarts after a worker dies, default 3), SHUTDOWN_TIMEOUT (default 240),
 # DRY_RUN=1 (print the command and exit). NCCL_* and other variables pass through to every rank.
 #
@@ -65,7 +65,46 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 NNODES=${SLURM_JOB_NUM_NODES:?SLURM_JOB_NUM_NODES is not set}
-NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+# GPUs per node, said out loud: SLURM_GPUS_ON_NODE (GPUs tracked by SLURM), else SLURM_GPUS_PER_NODE
+# (--gpus-per-node: "8", "h100:8", "a100:2,v100:2"), else the CUDA_VISIBLE_DEVICES SLURM set; cross-checked
+# with `nvidia-smi -L` on this node (fewer GPUs there than SLURM claims: use those; none from SLURM: use them).
+count_gpus_per_node() {  # "[type:]count[,[type:]count...]" -> total count, or nothing
+  local total=0 part n
+  for part in ${1//,/ }; do
+    n=${part##*:}; n=${n%%(*}
+    [[ "$n" =~ ^[0-9]+$ ]] || return 0
+    total=$((total + n))
+  done
+  echo "$total"
+}
+choose_nproc() {
+  local slurm="" from="" smi=""
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then slurm=$SLURM_GPUS_ON_NODE; from="SLURM_GPUS_ON_NODE=$SLURM_GPUS_ON_NODE"
+  elif [ -n "${SLURM_GPUS_PER_NODE:-}" ] && slurm=$(count_gpus_per_node "$SLURM_GPUS_PER_NODE") && [ -n "$slurm" ]; then
+    from="SLURM_GPUS_PER_NODE=$SLURM_GPUS_PER_NODE"
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    slurm=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true); from="CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
+  fi
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    smi=$(nvidia-smi -L | grep -c '^GPU' || true)
+  fi
+  if [ -n "$slurm" ] && [ -n "$smi" ] && [ "$smi" -lt "$slurm" ]; then
+    log "warning: $from but nvidia-smi -L lists $smi GPU(s) on $(hostname): starting $smi process(es) per node"
+    NPROC_PER_NODE=$smi
+  elif [ -n "$slurm" ] && [ "$slurm" -gt 0 ]; then
+    NPROC_PER_NODE=$slurm
+    log "$NPROC_PER_NODE process(es) per node, from $from${smi:+ (nvidia-smi -L lists $smi)}"
+  elif [ -n "$smi" ] && [ "$smi" -gt 0 ]; then
+    NPROC_PER_NODE=$smi
+    log "warning: SLURM gives no GPU count (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE unset): using the $smi GPU(s)" \
+      "nvidia-smi -L lists on $(hostname); request GPUs with --gpus-per-node, or set NPROC_PER_NODE"
+  else
+    NPROC_PER_NODE=1
+    log "warning: no GPUs found (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, CUDA_VISIBLE_DEVICES unset, no nvidia-smi):" \
+      "starting 1 process per node; request GPUs with --gpus-per-node, or set NPROC_PER_NODE"
+  fi
+}
+if [ -n "${NPROC_PER_NODE:-}" ]; then log "$NPROC_PER_NODE process(es) per node, from NPROC_PER_NODE"; else choose_nproc; fi
 RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 
 if command -v scontrol >/dev/null; then
@@ -91,7 +130,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # elastic restarts hang or fail on 
 # while it closes its TensorBoard file.
 cmd=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --wait=60)
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
-cmd+=("$PYTHON" -m torch.distributed.run
+cmd+=("$PYTHON" -m unetdist.parallel.agent  # torchrun that keeps exit 2 (config error: no restart) and 75 (resumable)
   --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID"
   --max-restarts="${MAX_RESTARTS:-3}"

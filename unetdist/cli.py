@@ -1,7 +1,8 @@
 """`unetdist <command>`: each area of the package registers its own subcommands here.
 
-Registration modules only parse arguments and import their implementation lazily, so
-`unetdist --help` and config errors come back without loading torch-heavy code.
+Registration modules only parse arguments and import their implementation lazily. Parsing, logging
+and error reporting are `unetdist.data.console`'s, shared with `python -m unetdist.train` and
+`python -m unetdist.infer`, so every way in behaves the same.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-from unetdist.config import ConfigError
+from unetdist.data.console import main as run_main
+from unetdist.data.console import new_parser
 
 # One line per area; each module has `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -22,7 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unetdist", description="Distributed U-Net training for tiled microscopy images.")
+    parser = new_parser("unetdist", "Distributed U-Net training for tiled microscopy images.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -30,12 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"unetdist {args.command}: {exc}", file=sys.stderr)
-        return 2
+    from unetdist.parallel.env import launch_rank, launch_world_size
+
+    return run_main(build_parser(), argv, lambda args: f"unetdist {args.command}", launch_rank(), launch_world_size())
 
 
 if __name__ == "__main__":

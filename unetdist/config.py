@@ -17,15 +17,28 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user must fix (config, command-line arguments, input files), not a bug in unetdist.
+
+    The command line prints its message as one line and exits with status 2; any other exception is a
+    bug and keeps its traceback. Raise a subclass wherever the code reports a user mistake, and say in
+    the message which file, key or value is wrong and what to do.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """A config file, key or value a user must fix; the message says which and how."""
+
+
+class UsageError(UserError, ValueError):
+    """Command-line arguments that do not fit together (e.g. two options that exclude each other)."""
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
-    resume: str = "auto"  # auto | never | path to a checkpoint file
+    resume: str = "auto"  # auto | force (also when data or schedule changed) | never | path to a checkpoint
     stop_at: int = 0  # checkpoint and exit once this global step is reached (0: run to train.steps)
 
 
@@ -150,6 +163,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     log_every: int = 10
+    stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a host-device sync)
     image_grid: int = 4  # samples in the TensorBoard picture at each validation
 
 
@@ -244,6 +258,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.ckpt_every >= 0, "train.ckpt_every must be >= 0 (0: only at the end)"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.stop_check_every >= 1, "train.stop_check_every must be >= 1"),
         (cfg.parallel.bucket_mb >= 1, "parallel.bucket_mb must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.data.batch_size % cfg.train.grad_accum == 0,
@@ -251,9 +266,29 @@ def validate(cfg: Config) -> None:
          f"train.grad_accum={cfg.train.grad_accum} (the micro-batch is their quotient)"),
         (cfg.parallel.deepspeed.zero_stage in (0, 1, 2, 3), "parallel.deepspeed.zero_stage must be 0, 1, 2 or 3"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _shape_checks(cfg):
         if not ok:
             raise ConfigError(message)
+
+
+def _shape_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Settings the U-Net cannot train with, refused before any data is read (not deep inside a layer)."""
+    model, aug = cfg.model, cfg.data.augment
+    key, size = ("data.augment.crop", aug.crop) if aug.enabled and aug.crop else ("data.shard.tile", cfg.data.shard.tile)
+    need = 2**model.depth
+    bottleneck = (size // need) ** 2  # pixels per map at the lowest resolution
+    micro = cfg.data.batch_size // max(1, cfg.train.grad_accum)
+    return [
+        (size >= need, f"{key}={size} is too small for model.depth={model.depth}: the U-Net halves its input "
+                       f"{model.depth} times and needs at least {need} px; raise {key} or lower model.depth"),
+        (size < need or model.norm != "instance" or bottleneck >= 2,
+         f"model.norm=instance with {key}={size} and model.depth={model.depth} leaves a 1x1 bottleneck, which "
+         f"instance norm cannot normalise; use {key} >= {2 * need}, a lower model.depth, or model.norm=group"),
+        (size < need or model.norm != "batch" or micro * bottleneck >= 2,
+         f"a micro-batch of 1 (data.batch_size={cfg.data.batch_size} / train.grad_accum={cfg.train.grad_accum}) "
+         f"with model.norm=batch and a 1x1 bottleneck ({key}={size}, model.depth={model.depth}) gives BatchNorm one "
+         f"value per channel; use a micro-batch >= 2, {key} >= {2 * need}, or model.norm=group"),
+    ]
 
 
 def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:

@@ -100,7 +100,7 @@ def test_kill9_of_a_worker_restarts_the_group_on_both_hosts_and_resumes(
     ]
     with _launch(commands, logs) as procs:
         deadline = time.monotonic() + TIMEOUT_S
-        while " step 12 " not in _log(logs):  # past the checkpoint of step 10, well before that of step 15
+        while " step 12/" not in _log(logs):  # past the checkpoint of step 10, well before that of step 15
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _log(logs)[-5000:]
             time.sleep(0.1)
         victim = next(r for r in read_records(records) if r["rank"] == 1 and r["restart"] == 0)

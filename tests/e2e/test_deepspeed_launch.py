@@ -40,7 +40,8 @@ def test_torchrun_deepspeed_stop_and_resume_auto(tmp_path: Path, tiny_data: Path
     hp = hparams(run_dir / "tb")
     assert hp["backend"] == "deepspeed" and hp["zero_stage"] == 2.0 and hp["world_size"] == 2.0
 
-    export = run_cmd([str(VENV_BIN / "unetdist"), "export", str(run_dir), "--out", str(tmp_path / "model.pt")])
+    export = run_cmd([str(VENV_BIN / "unetdist"), "export", "--model", str(run_dir),
+                      "--out", str(tmp_path / "model.pt")])
     assert export.returncode == 0, export.stderr[-2000:]
     assert "step_000000006" in export.stdout
 

@@ -85,7 +85,7 @@ def test_launch_scripts_print_the_command_they_run() -> None:
     node = _dry("launch/torchrun.sh", "configs/gpu-8x.yaml", "data.root=/shared/x",
                 NNODES="4", NODE_RANK="2", MASTER_ADDR="10.0.0.5", NPROC_PER_NODE="8")
     assert node.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
-    for part in ("-m torch.distributed.run --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d",
+    for part in ("-m unetdist.parallel.agent --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d",
                  "--rdzv_endpoint=10.0.0.5:29500", "--rdzv_conf=is_host=0", "--max-restarts=3",
                  "-m unetdist.train --config configs/gpu-8x.yaml data.root=/shared/x"):
         assert part in node, (part, node)

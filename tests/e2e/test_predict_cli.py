@@ -38,9 +38,11 @@ def test_train_predict_on_two_processes_then_evaluate(tmp_path: Path, tiny_data:
 
     two = tmp_path / "two"
     log = _ok(run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                       "-m", "unetdist.infer", "predict", str(run_dir), str(raw / "img_*.tif"), "--out", str(two),
+                       "-m", "unetdist.infer", "predict", "--model", str(run_dir), "--images", str(raw / "img_*.tif"),
+                       "--out", str(two),
                        "--instances", "--probabilities", *WINDOWS], env=ONE_THREAD))
-    assert "predict, rank 0 of 2: 100%" in log and "rank 1 of 2" not in log, "one progress bar, on rank 0"
+    assert "predict, rank 0 of 2: window " in log and "(100%)" in log and "ETA" in log, log[-3000:]
+    assert "rank 1 of 2" not in log and "\r" not in log, "one progress, on rank 0, as log lines (no bar in a pipe)"
     summary = json.loads((two / "predict.json").read_text())
     assert summary["world_size"] == 2 and summary["model"]["step"] == 4 and summary["megapixels_per_s"] > 0
     assert {f["rank"] for f in summary["files"]} == {0, 1}
@@ -51,7 +53,7 @@ def test_train_predict_on_two_processes_then_evaluate(tmp_path: Path, tiny_data:
         assert tifffile.imread(two / f"{image.stem}_instances.tif").shape == shape
 
     scored = tmp_path / "scored"  # predict on 1 process and score, in one command
-    out = _ok(run_cmd([PYTHON, "-m", "unetdist.infer", "evaluate", "--checkpoint", str(run_dir), "--images",
+    out = _ok(run_cmd([PYTHON, "-m", "unetdist.infer", "evaluate", "--model", str(run_dir), "--images",
                        str(raw / "img_*.tif"), "--labels", str(raw / "lbl_*.tif"), "--overlays", "2", "--out", str(scored),
                        *WINDOWS], env=ONE_THREAD))
     assert "pooled over 6 image(s)" in out
@@ -73,5 +75,6 @@ def test_clear_error_names_the_file(tmp_path: Path) -> None:
                 "data": {"stats": {"low": [0], "high": [1], "clipped_mean": [0], "clipped_std": [1]}}}, model)
     image = tmp_path / "img.tif"
     tifffile.imwrite(image, np.zeros((20, 20), np.uint16))
-    proc = run_cmd([PYTHON, "-m", "unetdist.cli", "predict", str(model), str(image), "--out", str(tmp_path / "o")])
+    proc = run_cmd([PYTHON, "-m", "unetdist.cli", "predict", "--model", str(model), "--images", str(image),
+                    "--out", str(tmp_path / "o")])
     assert proc.returncode == 2 and f"unetdist predict: {model}" in proc.stderr and "another architecture" in proc.stderr

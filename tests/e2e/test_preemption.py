@@ -32,7 +32,7 @@ def test_signal_checkpoints_exits_resumable_and_resume_continues(tmp_path: Path,
     lines = []
     for line in proc.stdout:  # wait until training is under way
         lines.append(line)
-        if " step 10 " in line:
+        if " step 10/" in line:
             proc.send_signal(signal.SIGUSR1)
             break
     rest, _ = proc.communicate(timeout=120)

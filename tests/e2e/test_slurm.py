@@ -82,7 +82,7 @@ def test_usr1_checkpoints_requeues_and_resumes_without_gap(slurm_cluster: Privat
     job = _submit(slurm_cluster, tmp_path, overrides, {})
 
     deadline = time.monotonic() + 180
-    while " step 10 " not in _log(tmp_path, job):  # training is under way on both nodes
+    while " step 10/" not in _log(tmp_path, job):  # training is under way on both nodes
         assert time.monotonic() < deadline, _log(tmp_path, job)[-4000:]
         assert slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), _log(tmp_path, job)[-4000:]
         time.sleep(0.2)
@@ -125,7 +125,7 @@ def test_usr1_without_scontrol_checkpoints_and_exits_resumable(slurm_cluster: Pr
                  "train.log_every=1", "data.workers=1"]
     job = _submit(slurm_cluster, tmp_path, overrides, {"PATH": _without("scontrol", tmp_path / "bin")})
     deadline = time.monotonic() + 180
-    while " step 10 " not in _log(tmp_path, job):
+    while " step 10/" not in _log(tmp_path, job):
         assert time.monotonic() < deadline, _log(tmp_path, job)[-4000:]
         assert slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), _log(tmp_path, job)[-4000:]
         time.sleep(0.2)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import PYTHON, REPO, free_port, run_cmd, tiny_overrides
 from tests.e2e.tb import image_tags, read_scalars
@@ -47,4 +49,10 @@ def test_torchrun_two_processes_train_validate_checkpoint_log(tmp_path: Path, ti
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 8 and 0.0 <= metrics["dice/foreground"] <= 1.0
     assert (run_dir / "predictions.png").is_file()
+    picture = np.asarray(Image.open(run_dir / "predictions.png"))
+    assert picture.ndim == 3 and picture.shape[2] == 3, "classes in colour"
+    # progress as log lines in a pipe: step N/total and an ETA, once (rank 0), no carriage returns
+    steps = [line for line in proc.stderr.splitlines() if "train: step " in line]
+    assert len(steps) == 4 and "train: step 8/8 (100%)" in steps[-1] and "ETA" in steps[0], proc.stderr[-3000:]
+    assert all("[rank 0]" in line for line in steps) and "\r" not in proc.stderr
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1, "only rank 0 writes TensorBoard"

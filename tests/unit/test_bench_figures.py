@@ -80,7 +80,11 @@ def test_row_figures() -> None:
     assert row["step_s"] == 0.5 and row["images_per_s_per_device"] == 8.0 and row["images_per_s"] == 16.0
     assert row["megapixels_per_s_per_device"] == pytest.approx(8 * 64 * 64 / 1e6)
     assert row["train_flops_per_step"] == train_step_flops(64, 64, 4, base_width=8, policy="all")
-    assert row["mfu"] == pytest.approx(row["train_flops_per_step"] / 0.5 / peak_flops(CPU, torch.float32))
+    # checkpointing=all recomputes: HFU counts what ran, MFU only what the model needs (1.333x less here)
+    assert row["hfu"] == pytest.approx(row["train_flops_per_step"] / 0.5 / peak_flops(CPU, torch.float32))
+    assert row["model_flops_per_step"] == train_step_flops(64, 64, 4, base_width=8, policy="none")
+    assert row["mfu"] == pytest.approx(row["model_flops_per_step"] / 0.5 / peak_flops(CPU, torch.float32))
+    assert row["hfu"] > 1.3 * row["mfu"]
     assert all(row[f] > 0 for f in FIGURES)
 
 

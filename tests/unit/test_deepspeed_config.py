@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import PYTHON, REPO, run_cmd
 from unetdist.config import ConfigError, load_config
-from unetdist.parallel.deepspeed_config import deepspeed_config
+from unetdist.parallel.deepspeed_config import check_deepspeed_version, deepspeed_config
 
 
 def _cfg(*overrides: str):
@@ -25,8 +25,29 @@ def test_batch_arithmetic_comes_from_our_keys() -> None:
 
 def test_precision_sections() -> None:
     assert deepspeed_config(_cfg("train.precision=bf16"), 1)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
-    fp16 = deepspeed_config(_cfg("train.precision=fp16"), 1)["fp16"]
-    assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
+    # fp16 is autocast too (fp32 weights meet fp32 images; DeepSpeed adds its GradScaler), never the weight-casting section
+    fp16 = deepspeed_config(_cfg("train.precision=fp16"), 1)
+    assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in fp16
+
+
+@pytest.mark.parametrize(("device", "capability", "expected"), [
+    ("cuda", (9, 0), "bfloat16"),   # H100: bf16 hardware
+    ("cuda", (8, 0), "bfloat16"),   # A100
+    ("cuda", (7, 0), "float16"),    # V100: bf16 only emulated, so fp16 with loss scaling
+    ("cuda", (7, 5), "float16"),    # T4
+    ("cpu", None, None),            # auto on CPU: fp32
+])
+def test_auto_precision_follows_the_device(device: str, capability, expected) -> None:
+    ds = deepspeed_config(_cfg("train.precision=auto"), 1, device, capability)
+    assert ds.get("torch_autocast", {}).get("dtype") == expected
+
+
+def test_too_old_deepspeed_refuses_autocast_runs() -> None:
+    bf16 = deepspeed_config(_cfg("train.precision=bf16"), 1)
+    with pytest.raises(ConfigError, match=r"DeepSpeed 0.16.9 ignores the torch_autocast .* deepspeed>=0.17.2"):
+        check_deepspeed_version("0.16.9", bf16)
+    check_deepspeed_version("0.17.2", bf16)
+    check_deepspeed_version("0.15.0", deepspeed_config(_cfg("train.precision=fp32"), 1))  # fp32 needs no autocast
 
 
 def test_deepspeed_optimizer_and_scheduler() -> None:
@@ -61,8 +82,8 @@ def test_conflict_names_both_keys() -> None:
 
 
 def test_fp16_and_bf16_together_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="fp16 and bf16 are both enabled"):
-        deepspeed_config(_cfg("train.precision=bf16", "parallel.deepspeed.extra.fp16.enabled=true"), 1)
+    with pytest.raises(ConfigError, match="enables fp16 and torch_autocast"):
+        deepspeed_config(_cfg("train.precision=fp16", "parallel.deepspeed.extra.fp16.enabled=true"), 1)
 
 
 def test_micro_batch_mismatch_is_an_error() -> None:

@@ -9,22 +9,24 @@ only when a command runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from unetdist.data.console import add_log_file, deprecated_alias
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="auto", choices=["auto", "tiny", "cpu", "gpu"],
-                   help="sizes: gpu (default model, 512px tiles), cpu (width 16, 128px), tiny (CI smoke); "
+                   help="sizes: gpu (the default model, 512px tiles), cpu (width 16, 128px), tiny (CI smoke); "
                         "auto: gpu on CUDA, else cpu")
-    p.add_argument("--out", help="output folder for JSON and log (default runs/bench/PRESET)")
-    p.add_argument("--data-dir", help="benchmark dataset folder, made once and reused (default data/bench-...)")
+    p.add_argument("--out", help="output folder for JSON and log (default: runs/bench/PRESET)")
+    p.add_argument("--data-dir", help="benchmark dataset folder, made once and reused (default: data/bench-...)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--width", type=int, help="override the preset's model base width")
     p.add_argument("--tile", type=int, help="override the preset's tile size")
-    p.add_argument("--batch", type=int, help="override the preset's per-device batch")
+    p.add_argument("--batch-size", type=int, help="override the preset's per-device batch")
+    deprecated_alias(p, "--batch", "--batch-size", type=int)
     p.add_argument("--steps", type=int, help="override the timed steps per lever row (smoke: training steps)")
 
 
@@ -39,14 +41,6 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="time budget in seconds: sections and lever rows not started by then are skipped")
     p.add_argument("--memory-method", default="auto", choices=["auto", "meta"],
                    help="headroom from real GPU steps (auto on CUDA) or saved-tensor bytes on the meta device")
-
-
-def _log_to(out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = logging.FileHandler(out / name)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -67,7 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
     from unetdist.bench.run import run_bench
 
     args.out = str(_out_dir(args))
-    _log_to(Path(args.out), "bench.log")
+    add_log_file(Path(args.out) / "bench.log")
     report = run_bench(args)
     print(format_table(report))
     print(f"\nwrote {Path(args.out) / 'bench.json'} ({report['elapsed_s']:.0f} s)")
@@ -78,7 +72,7 @@ def _smoke(args: argparse.Namespace) -> int:
     from unetdist.bench.smoke import run_smoke
 
     args.out = str(_out_dir(args))
-    _log_to(Path(args.out), "smoke.log")
+    add_log_file(Path(args.out) / "smoke.log")
     report = run_smoke(args)
     print(f"smoke on {report['machine']['device']} ({report['lever']}): loss "
           f"{report['loss']['first_mean']:.4f} -> {report['loss']['last_mean']:.4f}; checkpointing "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from unetdist.bench.presets import Preset
-from unetdist.config import Config, load_config
+from unetdist.config import Config, UsageError, load_config
 from unetdist.parallel.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def prepare_data(preset: Preset, data_root: Path, run_dir: Path) -> BenchData:
     ensure_dataset(cfg.data, cfg.model.num_classes)
     manifest = open_manifest(data_root, cfg.data)
     if manifest.tile != preset.tile:
-        raise ValueError(f"{data_root} holds {manifest.tile}px tiles but preset {preset.name} needs {preset.tile}px; "
+        raise UsageError(f"{data_root} holds {manifest.tile}px tiles but preset {preset.name} needs {preset.tile}px; "
                          "give another --data-dir")
     reference_dir = data_root / "reference-png"
     if not (reference_dir / DONE).is_file():

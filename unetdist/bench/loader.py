@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unetdist.config import AugmentConfig, ShardConfig, SynthConfig
+from unetdist.data.console import deprecated_alias, new_parser
+from unetdist.data.console import main as run_main
 
 if TYPE_CHECKING:
     from unetdist.data.manifest import IntensityStats, Manifest
@@ -54,13 +56,14 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `unetdist bench loader`."""
     parser.add_argument("--root", help="an existing sharded dataset (default: a synthetic one in a temp folder)")
     parser.add_argument("--tile", type=int, default=512, help="tile size of the synthetic dataset")
-    parser.add_argument("--images", type=int, default=12, help="synthetic source images")
+    parser.add_argument("--count", type=int, default=12, help="synthetic source images")
+    deprecated_alias(parser, "--images", "--count", type=int)
     parser.add_argument("--image-size", type=int, default=1024, help="height and width of the synthetic images")
     parser.add_argument("--augment", choices=sorted(PRESETS), default="mixed",
                         help="augmentation settings used by both pipelines (mixed: configs/nuclei.yaml's probabilities)")
     parser.add_argument("--crop", type=int, default=0, help="random crop size (0: whole tiles)")
     parser.add_argument("--no-weight-map", action="store_true", help="no weight maps in the tiles")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch")
     parser.add_argument("--batches", type=int, default=12, help="batches timed per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements of each pipeline")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process, one core)")
@@ -139,7 +142,7 @@ def _make_dataset(root: Path, args: argparse.Namespace) -> None:
     from unetdist.data.synth import generate_dataset
 
     size = args.image_size
-    pairs = generate_dataset(root / "raw", SynthConfig(images=args.images, height=size, width=size, seed=0))
+    pairs = generate_dataset(root / "raw", SynthConfig(images=args.count, height=size, width=size, seed=0))
     shard = ShardConfig(tile=args.tile, val_fraction=0.2, weight_map=not args.no_weight_map, min_shards=4,
                         shard_bytes=64 * 2**20)
     write_shards(pairs, root, shard, num_classes=2)
@@ -250,10 +253,11 @@ def _table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m unetdist.bench.loader` until `unetdist bench loader` is wired."""
-    parser = argparse.ArgumentParser(prog="unetdist bench loader", description=__doc__.split("\n")[0])
+    """`python -m unetdist.bench.loader`, the same as `unetdist bench loader`."""
+    parser = new_parser("python -m unetdist.bench.loader", __doc__.split("\n")[0])
     add_loader_arguments(parser)
-    return run_loader_bench(parser.parse_args(argv))
+    parser.set_defaults(func=run_loader_bench)
+    return run_main(parser, argv, lambda args: "unetdist bench loader")
 
 
 if __name__ == "__main__":

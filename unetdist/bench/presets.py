@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unetdist.config import UsageError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -74,7 +76,7 @@ def resolve_preset(name: str, device: torch.device, **overrides: int | float | N
     if name == "auto":
         name = "gpu" if device.type == "cuda" else "cpu"
     if name not in PRESETS:
-        raise ValueError(f"unknown bench preset {name!r}; choose one of auto, {', '.join(PRESETS)}")
+        raise UsageError(f"unknown bench preset {name!r}; choose one of auto, {', '.join(PRESETS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(changes) - {f.name for f in dataclasses.fields(Preset)}
     if unknown:
@@ -89,7 +91,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda but torch sees no CUDA GPU")
+            raise UsageError("--device cuda but torch sees no CUDA GPU")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)

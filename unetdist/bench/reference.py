@@ -179,7 +179,7 @@ def load_image(filename: Path) -> Any:
     if ext == ".npy":
         return Image.fromarray(np.load(filename))
     if ext in (".pt", ".pth"):
-        return Image.fromarray(torch.load(filename).numpy())
+        return Image.fromarray(torch.load(filename, weights_only=True).numpy())
     return Image.open(filename)
 
 

@@ -108,13 +108,13 @@ def format_table(report: dict[str, Any]) -> str:
              f"({report['machine']['device']}, torch {report['machine']['torch']}); "
              f"model width {report['model']['base_width']}, tile {report['settings']['tile']}, "
              f"batch {report['settings']['batch']} per device"]
-    header = f"{'row':<52} {'step s':>8} {'img/s/dev':>10} {'MP/s/dev':>9} {'TFLOP/s':>8} {'MFU':>7} {'mem GB':>7}"
+    header = f"{'row':<52} {'step s':>8} {'img/s/dev':>10} {'MP/s/dev':>9} {'TFLOP/s':>8} {'MFU':>7} {'HFU':>7} {'mem GB':>7}"
     lines += ["", header, "-" * len(header)]
     order = {"reference": 0, "levers": 1, "ddp": 2}
     for row in sorted(report["rows"], key=lambda r: order.get(r["group"], 3)):
         lines.append(f"{row['name']:<52} {row['step_s']:>8.4f} {row['images_per_s_per_device']:>10.2f} "
                      f"{row['megapixels_per_s_per_device']:>9.3f} {row['tflops_per_s_per_device']:>8.4f} "
-                     f"{row['mfu']:>7.2%} {row['peak_memory_gb']:>7.3f}")
+                     f"{row['mfu']:>7.2%} {row.get('hfu', row['mfu']):>7.2%} {row['peak_memory_gb']:>7.3f}")
     if report["comparisons"]:
         lines += ["", "ratios:"]
         lines += [f"  {c['name']}: {c['ratio']:.2f}x (fastest steps: {c.get('ratio_best', float('nan')):.2f}x)"

@@ -17,7 +17,7 @@ from unetdist.model.flops import train_step_flops
 # Figures every row carries; each must be a positive number (the CI smoke test asserts it).
 FIGURES: tuple[str, ...] = (
     "step_s", "step_s_mean", "images_per_s_per_device", "megapixels_per_s_per_device", "images_per_s",
-    "train_flops_per_step", "tflops_per_s_per_device", "mfu", "peak_memory_gb",
+    "train_flops_per_step", "model_flops_per_step", "tflops_per_s_per_device", "mfu", "hfu", "peak_memory_gb",
 )
 
 
@@ -44,11 +44,15 @@ def make_row(
 
     Throughput is per device (``batch`` is per device); ``images_per_s`` is global (x world size).
     FLOPs are the analytic count of ``unetdist.model.flops`` (the reference's convolutions are
-    the same), MFU divides by :func:`peak_flops` for the precision the convolutions run in.
+    the same): ``model_flops_per_step`` what the model needs (forward + backward), the numerator of
+    MFU; ``train_flops_per_step`` adds activation checkpointing's recomputation, what the device
+    executes, the numerator of HFU (hardware FLOP utilisation) and of ``tflops_per_s_per_device``.
+    Both divide by :func:`peak_flops` for the precision the convolutions run in.
     """
     step = times.median
     flops = train_step_flops(tile, tile, batch, in_channels=1, num_classes=2, base_width=base_width, depth=4,
                              policy=checkpointing)
+    model_flops = train_step_flops(tile, tile, batch, in_channels=1, num_classes=2, base_width=base_width, depth=4)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     achieved = flops / step
     row: dict[str, Any] = {
@@ -60,8 +64,10 @@ def make_row(
         "megapixels_per_s_per_device": batch * tile * tile / step / 1e6,
         "images_per_s": batch * world_size / step,
         "train_flops_per_step": flops,
+        "model_flops_per_step": model_flops,
         "tflops_per_s_per_device": achieved / 1e12,
-        "mfu": achieved / peak_flops(device, dtype),
+        "mfu": model_flops / step / peak_flops(device, dtype),
+        "hfu": achieved / peak_flops(device, dtype),
         "peak_memory_gb": memory_gb, "memory_method": memory_method,
     }
     if mode == "end_to_end":

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from unetdist.config import UsageError
+from unetdist.data.progress import Progress
 from unetdist.bench.data import BenchData, bench_config, first_batch, prepare_data
 from unetdist.model.peak import measured_matmul_flops, peak_flops_with_source
 from unetdist.bench.presets import Preset, resolve_device, resolve_preset
@@ -35,7 +37,7 @@ def selected_sections(only: str | None, skip: str | None) -> list[str]:
         names = [s.strip() for s in (text or "").split(",") if s.strip()]
         unknown = [s for s in names if s not in SECTIONS]
         if unknown:
-            raise ValueError(f"unknown bench section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+            raise UsageError(f"unknown bench section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
         return names
 
     chosen = parse(only) or list(SECTIONS)
@@ -82,7 +84,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     ``args`` carries the command-line options of ``unetdist bench`` (see ``unetdist.bench.commands``).
     """
     device = resolve_device(args.device)
-    preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch,
+    preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch_size,
                             steps=args.steps, workers=args.workers)
     sections = selected_sections(args.only, args.skip)
     out = Path(args.out) if args.out else Path("runs") / "bench" / preset.name
@@ -98,12 +100,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                   first_batch(bench_config(preset, data_root, out / "run"), device),
                   started + args.deadline_s if args.deadline_s else None)
     # Order: what a time-limited run must not lose first; the many lever rows last (each skippable).
-    for section in [s for s in ("reference", "memory", "ddp", "levers") if s in sections]:
-        if section != "levers" and ctx.deadline is not None and time.perf_counter() > ctx.deadline:
-            report["skipped"].append({"row": f"section {section}", "reason": "time budget (--deadline-s) spent"})
-            continue
-        SECTION_RUNNERS[section](ctx, report)
-        write_report(report, out)
+    todo = [s for s in ("reference", "memory", "ddp", "levers") if s in sections]
+    with Progress(len(todo), "bench", "section", interval_s=0) as progress:  # a line per section done
+        for section in todo:
+            if section != "levers" and ctx.deadline is not None and time.perf_counter() > ctx.deadline:
+                report["skipped"].append({"row": f"section {section}", "reason": "time budget (--deadline-s) spent"})
+                progress.update(postfix=f"(skipped {section})")
+                continue
+            SECTION_RUNNERS[section](ctx, report)
+            write_report(report, out)
+            progress.update(postfix=f"({section} done)")
 
     _refresh_measured_peaks(report, device)
     report["elapsed_s"] = time.perf_counter() - started
@@ -132,7 +138,8 @@ def _refresh_measured_peaks(report: dict[str, Any], device: torch.device) -> Non
         peaks[key] = report["peak_flops"][key] = max(report["peak_flops"][key], again)
     for row in report["rows"]:
         if row["group"] != "ddp":
-            row["mfu"] = row["tflops_per_s_per_device"] * 1e12 / peaks["fp32" if row["precision"] == "fp32" else "bf16"]
+            row["hfu"] = row["tflops_per_s_per_device"] * 1e12 / peaks["fp32" if row["precision"] == "fp32" else "bf16"]
+            row["mfu"] = row["hfu"] * row["model_flops_per_step"] / row["train_flops_per_step"]
 
 
 def _section_reference(ctx: Context, report: dict[str, Any]) -> None:

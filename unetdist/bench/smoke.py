@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetdist.data.progress import track
 from unetdist.bench.data import Lever, bench_config, build_our_trainer, our_batches, prepare_data, single_env
 from unetdist.bench.presets import Preset, resolve_device, resolve_preset
 from unetdist.bench.report import machine_info, write_report
@@ -46,7 +47,8 @@ def loss_falls(preset: Preset, data_root: Path, run_dir: Path, device: torch.dev
     batches = [{"image": b["image"], "label": b["label"]} for b in itertools.islice(stream, 4)]
     stream.close()
     trainer = build_our_trainer(cfg, single_env(device), lever)
-    losses = [float(trainer.train_step(batches[i % len(batches)])["loss"]) for i in range(preset.smoke_steps)]
+    steps = track(range(preset.smoke_steps), preset.smoke_steps, "bench smoke", "step")
+    losses = [float(trainer.train_step(batches[i % len(batches)])["loss"]) for i in steps]
     window = min(10, len(losses) // 2)
     first, last = statistics.fmean(losses[:window]), statistics.fmean(losses[-window:])
     return {"steps": len(losses), "first_mean": first, "last_mean": last, "losses": losses,
@@ -112,7 +114,7 @@ def run_smoke(args: argparse.Namespace) -> dict[str, Any]:
     from unetdist.bench.run import default_data_dir
 
     device = resolve_device(args.device)
-    preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch,
+    preset = resolve_preset(args.preset, device, base_width=args.width, tile=args.tile, batch=args.batch_size,
                             smoke_steps=args.steps)
     out = Path(args.out) if args.out else Path("runs") / "bench" / preset.name
     data_root = Path(args.data_dir) if args.data_dir else default_data_dir(preset)

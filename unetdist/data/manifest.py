@@ -83,6 +83,65 @@ def _read_text(location: str) -> str:
     return Path(location).read_text()
 
 
+def _fail(location: str, key: str, problem: str) -> DataError:
+    return DataError(f"{location}: {key} {problem}; the manifest is damaged or not unetdist's: re-run `unetdist shard`")
+
+
+def _number(raw: Any, location: str, key: str, integer: bool = False, low: float = 0) -> float:
+    """`raw` as a number >= `low`, or a one-line error naming the file and key."""
+    kind = ("an integer" if integer else "a number") + (f" >= {low:g}" if low > -float("inf") else "")
+    if isinstance(raw, bool) or not isinstance(raw, int if integer else (int, float)) or not raw >= low:
+        raise _fail(location, key, f"must be {kind}, got {raw!r}" if raw is not None else "is missing")
+    return raw
+
+
+def _member(raw: Any, key: str, location: str, kind: type = dict) -> Any:
+    parent, _, last = key.rpartition(".")
+    value = raw.get(last) if isinstance(raw, dict) else None
+    if not isinstance(value, kind):
+        raise _fail(location, key, f"must be a {'mapping' if kind is dict else kind.__name__}, got {value!r}"
+                    if value is not None else "is missing")
+    return value
+
+
+def _shard_name(name: Any, location: str, key: str) -> str:
+    """A shard name is a file name inside data.root: never absolute, a URL, or climbing out with `..`."""
+    if not isinstance(name, str) or not name:
+        raise _fail(location, key, f"must be a file name, got {name!r}")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith("/") or "://" in name or ".." in parts or ":" in parts[0]:
+        raise DataError(f"{location}: {key}={name!r} points outside the dataset folder; shard names must be paths "
+                        "inside data.root (a dataset that names other files is refused: re-run `unetdist shard`)")
+    return name
+
+
+def validate_manifest(raw: Any, location: str) -> None:
+    """Every key the loaders use, with its type, so a damaged manifest fails here in one line, naming the key."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{location}: must hold a JSON object, got {type(raw).__name__}; re-run `unetdist shard`")
+    channels = int(_number(raw.get("channels"), location, "channels", integer=True, low=1))
+    _number(raw.get("num_classes"), location, "num_classes", integer=True, low=2)
+    _number(raw.get("tile"), location, "tile", integer=True, low=1)
+    _member(raw, "dtype", location, str)
+    stats = _member(raw, "stats", location)
+    for name in ("low", "high", "clipped_mean", "clipped_std"):
+        values = _member(stats, f"stats.{name}", location, list)
+        if len(values) != channels:
+            raise _fail(location, f"stats.{name}", f"has {len(values)} value(s) for {channels} channel(s)")
+        for i, value in enumerate(values):
+            _number(value, location, f"stats.{name}[{i}]", low=-float("inf"))
+    for split in ("train", "val"):
+        part = _member(raw, split, location)
+        _number(part.get("samples"), location, f"{split}.samples", integer=True)
+        for i, shard in enumerate(_member(part, f"{split}.shards", location, list)):
+            if not isinstance(shard, dict):
+                raise _fail(location, f"{split}.shards[{i}]", f"must be a mapping, got {shard!r}")
+            _shard_name(shard.get("name"), location, f"{split}.shards[{i}].name")
+            _number(shard.get("samples"), location, f"{split}.shards[{i}].samples", integer=True)
+    for i, value in enumerate(_member(raw["train"], "train.class_frequencies", location, list)):
+        _number(value, location, f"train.class_frequencies[{i}]")
+
+
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if "://" in root else os.path.abspath(os.path.join(root, name))
 
@@ -118,8 +177,10 @@ def open_manifest(root: str | Path, data: DataConfig | None = None) -> Manifest:
                                 "`unetdist shard`, or set data.generate=true)") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{location} is not valid JSON: {exc}") from exc
-    if raw.get("format") != FORMAT:
-        raise DataError(f"{location}: format {raw.get('format')!r} is not {FORMAT!r}; re-run `unetdist shard`")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise DataError(f"{location}: format {found!r} is not {FORMAT!r}; re-run `unetdist shard`")
+    validate_manifest(raw, location)
     shards = {s: [_join(root, e["name"]) for e in raw[s]["shards"]] for s in ("train", "val")}
     counts: dict[str, list[int] | None] = {s: [int(e["samples"]) for e in raw[s]["shards"]] for s in ("train", "val")}
     samples = {s: int(raw[s]["samples"]) for s in ("train", "val")}

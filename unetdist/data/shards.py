@@ -193,7 +193,7 @@ def _swap_in(build: Path, out_dir: Path) -> None:
 
 
 def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, shard: ShardConfig, num_classes: int,
-                 progress: bool = False, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+                 progress: bool = True, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tile `pairs` into train/val WebDataset shards in `out_dir` and write manifest.json.
 
     `dataset` (name, source, licence, ...) is recorded in the manifest as given. Returns the
@@ -266,13 +266,9 @@ def _check_output(manifest: dict[str, Any], pairs: list[Pair], surveys: list[Pai
 
 
 def _progress(results: Iterable[FrameResult], total: int, show: bool) -> Iterable[FrameResult]:
-    if not show:
-        return results
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return results
-    return tqdm(results, total=total, unit="frame", desc="sharding")
+    from unetdist.data.progress import track
+
+    return track(results, total, "shard", "frame", enabled=show)
 
 
 def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTask]], build: Path,

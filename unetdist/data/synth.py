@@ -19,6 +19,7 @@ import numpy as np
 import tifffile
 
 from unetdist.config import SynthConfig
+from unetdist.data.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,18 @@ class Nucleus:
         return 0.5 * (self.a + self.b)
 
 
-def generate_dataset(out_dir: Path, synth: SynthConfig) -> list[tuple[Path, Path]]:
+def generate_dataset(out_dir: Path, synth: SynthConfig, progress: bool = True) -> list[tuple[Path, Path]]:
     """Write `synth.images` pairs img_XXXX.tif (uint16) / lbl_XXXX.tif (uint8) and return them.
 
     Labels are 0 background / 1 nucleus, or with `synth.boundary` 0 background / 1 boundary /
     2 interior, where the boundary is every nucleus pixel touching another nucleus or the
-    background, so that touching nuclei are separated by boundary pixels.
+    background, so that touching nuclei are separated by boundary pixels. `progress`: report how far
+    it is (a bar in a terminal, log lines otherwise).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
-    for index in range(synth.images):
+    for index in track(range(synth.images), synth.images, "synth", "image", enabled=progress):
         image, instances = synth_image(synth.seed, index, synth.height, synth.width)
         label = instances_to_labels(instances, synth.boundary)
         image_path, label_path = out_dir / f"img_{index:04d}.tif", out_dir / f"lbl_{index:04d}.tif"

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from unetdist.config import UsageError
+from unetdist.data.console import main as run_main
+from unetdist.data.console import new_parser
 from unetdist.parallel.collectives import barrier
-from unetdist.parallel.env import DistEnv, destroy_distributed, init_distributed
-
+from unetdist.parallel.env import destroy_distributed, init_distributed, launch_rank, launch_world_size
 
 if TYPE_CHECKING:
     from unetdist.infer.report import EvalOptions
-
-
-def _logging(env: DistEnv) -> None:
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
 
 
 def predict_main(args: argparse.Namespace) -> int:
@@ -27,9 +23,8 @@ def predict_main(args: argparse.Namespace) -> int:
     options, outputs = options_from_args(args)
     options.validate()
     env = init_distributed()
-    _logging(env)
     try:
-        predict_files(args.model, args.inputs, Path(args.out), options, outputs, env, args.axes)
+        predict_files(args.model, args.images, Path(args.out), options, outputs, env, args.axes)
     finally:
         destroy_distributed()
     return 0
@@ -39,10 +34,10 @@ def evaluate_main(args: argparse.Namespace) -> int:
     from unetdist.infer.io import expand_inputs
     from unetdist.infer.report import EvalOptions, evaluate_files
 
-    if (args.pred is None) == (args.checkpoint is None):
-        raise ValueError("give either --pred (predicted label images) or --checkpoint with --images")
-    if args.checkpoint is not None and not args.images:
-        raise ValueError("--checkpoint needs --images (the raw images to predict)")
+    if (args.pred is None) == (args.model is None):
+        raise UsageError("give either --pred (predicted label images) or --model with --images")
+    if args.model is not None and not args.images:
+        raise UsageError("--model needs --images (the raw images to predict)")
     out = Path(args.out)
     labels = expand_inputs(args.labels)
     images = expand_inputs(args.images) if args.images else None
@@ -51,7 +46,6 @@ def evaluate_main(args: argparse.Namespace) -> int:
     opts = EvalOptions(num_classes=args.num_classes, label_type=args.label_type, iou_threshold=args.iou_threshold,
                        interior_class=args.interior_class, min_size=args.min_size, overlays=args.overlays)
     if args.pred is not None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         metrics = evaluate_files(preds, labels, out, opts, images)
         _print(metrics, out)
         return 0
@@ -87,9 +81,8 @@ def _predict_then_evaluate(args: argparse.Namespace, labels: list[Path], images:
     options, outputs = options_from_args(args)
     options.validate()
     env = init_distributed()
-    _logging(env)
     try:
-        summary = predict_files(args.checkpoint, [str(p) for p in images], out / "predictions", options, outputs, env,
+        summary = predict_files(args.model, [str(p) for p in images], out / "predictions", options, outputs, env,
                                 args.axes)
         if env.is_main:
             preds = [Path(f["labels"]) for f in summary["files"]]
@@ -111,19 +104,18 @@ def _print(metrics: dict, out: Path) -> None:
           f"(precision {inst['precision']:.4f}, recall {inst['recall']:.4f}); reports in {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """torchrun needs a module to start: `predict` and `evaluate` with the arguments `unetdist` gives them."""
-    from unetdist.config import ConfigError
+def build_parser() -> argparse.ArgumentParser:
+    """`predict` and `evaluate`, registered by the same function as under `unetdist`."""
     from unetdist.infer.commands import register
 
-    parser = argparse.ArgumentParser(prog="python -m unetdist.infer", description=__doc__)
+    parser = new_parser("python -m unetdist.infer", __doc__)
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"unetdist {args.command}: {exc}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun needs a module to start: `predict` and `evaluate` with the arguments `unetdist` gives them."""
+    return run_main(build_parser(), argv, lambda args: f"unetdist {args.command}", launch_rank(), launch_world_size())
 
 
 if __name__ == "__main__":

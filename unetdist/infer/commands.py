@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from unetdist.data.console import deprecated_alias, model_option, positional_model
+
 BLENDS = ("gaussian", "constant")  # unetdist.infer.windows.BLENDS, literal here so --help needs no numpy
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from unetdist.config import UsageError
     from unetdist.infer.__main__ import predict_main
 
+    legacy = positional_model(args, args.legacy, "predict")
+    if legacy:  # the old form `unetdist predict MODEL IMAGES...`
+        args.images = (args.images or []) + legacy
+    if not args.images:
+        raise UsageError("--images is required: image files, folders or quoted globs to segment")
     return predict_main(args)
 
 
@@ -21,15 +29,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _window_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sliding windows")
-    g.add_argument("--tile", type=int, default=256, help="window size in pixels (default 256)")
-    g.add_argument("--overlap", type=int, default=64, help="minimum overlap of neighbouring windows (default 64)")
+    g.add_argument("--tile", type=int, default=256, help="window size in pixels")
+    g.add_argument("--overlap", type=int, default=64, help="minimum overlap of neighbouring windows")
     g.add_argument("--margin", type=int, default=None,
-                   help="pixels discarded at a window's inner edges, at most overlap/2 (default overlap/4)")
+                   help="pixels discarded at a window's inner edges, at most overlap/2 (default: overlap/4)")
     g.add_argument("--blend", choices=BLENDS, default="gaussian",
                    help="gaussian (sigma = tile / 8) or constant (plain averaging)")
-    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU")
+                   help="of the forward pass; auto: bf16 on GPUs with bf16 hardware (A100, H100, ...), else fp32")
     g.add_argument("--tta", action="store_true", help="average over the 4 flips (4x the compute)")
     g.add_argument("--axes", default="auto", help="image axes over T, C, Y, X, e.g. TCYX (default: auto, as "
                                                   "`unetdist shard` reads them)")
@@ -42,11 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment whole images with a trained model (sliding windows, blended)",
                        description="Segment TIFF/PNG/npy images of any size. Runs alone or under torchrun "
                                    "(python -m torch.distributed.run --nproc_per_node=N -m unetdist.infer predict ...).")
-    p.add_argument("model", help="checkpoint file, run folder (newest checkpoint) or exported model file")
-    p.add_argument("inputs", nargs="+", help="image files, folders or quoted globs ('raw/img_*.tif')")
+    model_option(p)
+    p.add_argument("--images", nargs="+", help="image files, folders or quoted globs ('raw/img_*.tif') (required)")
+    p.add_argument("legacy", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="output folder: <name>_labels.tif [, _probs.tif, _instances.tif]")
     p.add_argument("--probabilities", action="store_true", help="also write softmax probabilities")
-    p.add_argument("--prob-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--prob-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the probability files")
     p.add_argument("--instances", action="store_true", help="also write instance ids (touching nuclei separated "
                                                             "when the model has a boundary class)")
     _window_options(p)
@@ -54,19 +64,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="Dice, IoU and instance F1 of predictions against label images",
                        description="Score label images written by `unetdist predict` (--pred), or run a model "
-                                   "first (--checkpoint with --images). Labels are paired with images and predictions by name.")
+                                   "first (--model with --images). Labels are paired with images and predictions by name.")
     p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices), paired by name: "
                    "NAME.tif with NAME_masks.tif (--mask-suffix) or NAME_labels.tif (predictions), the same NAME "
                    "in another folder, or what a glob's * matches")
     p.add_argument("--mask-suffix", default="_masks", help="label names are image names plus this suffix")
     p.add_argument("--pred", nargs="+", help="predicted label images")
-    p.add_argument("--checkpoint", help="predict with this model first (checkpoint, run folder or model file)")
-    p.add_argument("--images", nargs="+", help="the raw images: needed with --checkpoint, and for overlays")
+    model_option(p, required=False)  # predict with it first
+    deprecated_alias(p, "--checkpoint", "--model")
+    p.add_argument("--images", nargs="+", help="the raw images: needed with --model, and for overlays")
     p.add_argument("--label-type", choices=("classes", "instances"), default="classes",
                    help="label files hold class indices, or instance ids (then they are the true objects)")
     p.add_argument("--out", required=True, help="output folder: metrics.json/.md/.csv, overlays/")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the model's, or largest label + 1")
-    p.add_argument("--iou-threshold", type=float, default=0.5, help="object match threshold (default 0.5)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes incl. background (default: the model's, or the largest label + 1)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="object match threshold")
     p.add_argument("--overlays", type=int, default=4, help="overlay pictures for the images with the lowest F1")
     _window_options(p)
-    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float16", instances=False)
+    p.set_defaults(func=_evaluate, probabilities=False, prob_dtype="float16", instances=False, legacy=[])

@@ -14,16 +14,19 @@ from typing import Any
 
 import torch
 
+from unetdist.config import UserError
 from unetdist.data.normalize import IntensityStats, Normalization
 from unetdist.model import UNet
-from unetdist.train.export import MODEL_FORMAT as FORMAT  # one definition, shared with `unetdist export`
+from unetdist.train.checkpoint import MODEL_FORMAT as FORMAT  # one definition, shared with `unetdist export`
+from unetdist.train.checkpoint import CheckpointError, read_newest
+from unetdist.train.checkpoint import model_file_state as _model_file_state
 
 log = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed wrappers, torch.compile
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model file that cannot be used; the message names the file and what is wrong."""
 
 
@@ -58,52 +61,37 @@ def model_file_state(model: UNet, stats: Normalization | IntensityStats | dict[s
                      data: dict[str, Any] | None = None, step: int | None = None) -> dict[str, Any]:
     """The dict that `torch.save` writes as an exported model file (format ``unetdist-model-v1``).
 
-    `stats`: the normalisation (dataset statistics alone mean the ``dataset`` mode).
+    `stats`: the normalisation (dataset statistics alone mean the ``dataset`` mode). Built by
+    `unetdist.train.checkpoint.model_file_state`, the one definition of the format;
+    `unetdist.train.checkpoint.write_model_file` writes it atomically.
     """
     extra = {}
     if isinstance(stats, Normalization):
         extra, stats = {"normalization": stats.to_dict()}, stats.stats
     if isinstance(stats, IntensityStats):
         stats = stats.to_dict()
-    state = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "model_hparams": dict(model.hparams), "data": {**(data or {}), "stats": dict(stats), **extra}}
-    if step is not None:
-        state["step"] = int(step)
-    return state
+    return _model_file_state(model.state_dict(), model.hparams, {**(data or {}), "stats": dict(stats), **extra},
+                             step=step)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], Path, str]:
     """(state, file or folder read, kind) for any accepted `path` (see `load_model_file`)."""
-    from unetdist.train.export import find_checkpoint, read_training_checkpoint
-
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file, checkpoint or run folder")
     try:
-        found = find_checkpoint(path)
-    except FileNotFoundError as exc:
+        return read_newest(path)
+    except (FileNotFoundError, CheckpointError) as exc:
         raise ModelFileError(str(exc)) from exc
-    if found.is_dir():  # DeepSpeed: the export module's reader handles every ZeRO stage
-        try:
-            weights, client = read_training_checkpoint(found)
-        except Exception as exc:  # DeepSpeed and torch raise many types; name the folder
-            raise ModelFileError(f"{found}: cannot be read as a DeepSpeed checkpoint ({exc})") from exc
-        return {**client, "model": weights}, found, "deepspeed-checkpoint"
-    try:
-        state = torch.load(found, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors differ by version; name the file
-        raise ModelFileError(f"{found}: cannot be read as a model file or checkpoint ({exc})") from exc
-    if not isinstance(state, dict):
-        raise ModelFileError(f"{found}: holds a {type(state).__name__}, not a unetdist checkpoint or model file")
-    return state, found, "model-file" if state.get("format") == FORMAT else "ddp-checkpoint"
+    except Exception as exc:  # DeepSpeed's stitching raises many types; name the path
+        raise ModelFileError(f"{path}: cannot be read as a DeepSpeed checkpoint ({exc})") from exc
 
 
 def load_model_file(path: str | Path) -> tuple[UNet, Normalization, ModelInfo]:
     """Load a UNet, the normalisation it was trained with (`Normalization`), and where it came from.
 
     Accepted: a DDP checkpoint ``runs/x/checkpoints/step_N.pt``; a run folder or its
-    checkpoints folder (the newest checkpoint); a DeepSpeed checkpoint folder ``step_N`` at any
-    ZeRO stage (read by `unetdist.train.export.read_training_checkpoint`: DeepSpeed's own files
-    hold more than tensors and are loaded in full, so only point at checkpoints you trust); and an
+    checkpoints folder (the newest checkpoint that reads; damaged newer ones are reported); a DeepSpeed checkpoint folder ``step_N`` at any
+    ZeRO stage (stitched by `unetdist.train.checkpoint.read_weights`); and an
     exported model file (what `unetdist export` writes and `model_file_state` builds), a
     ``torch.save``d dict::
 
@@ -119,8 +107,8 @@ def load_model_file(path: str | Path) -> tuple[UNet, Normalization, ModelInfo]:
          "config": {...},                              # optional: the training run's resolved config
          "step": 1000}                                 # optional
 
-    Files (not DeepSpeed folders) are read with ``torch.load(weights_only=True)``. The model is
-    returned in eval mode on the CPU.
+    Every file, DeepSpeed's included, is read with ``torch.load(weights_only=True)``: a file that
+    asks to run code is refused, naming what it asks for. The model is returned in eval mode on the CPU.
 
     Raises:
         FileNotFoundError: nothing at `path`.

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unetdist.config import UsageError
 from unetdist.data.normalize import IntensityStats, Normalization, normalize, unusual_intensity
 from unetdist.infer.windows import (BLENDS, Window, WindowGrid, check_tiling, default_margin, edge_weight, inner_edges,
                                    window_grid)
 from unetdist.model import UNet
+from unetdist.parallel.precision import resolve_inference_precision
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class PredictOptions:
         margin: pixels discarded at a window's inner edges (None: `default_margin(overlap)`).
         blend: ``gaussian`` (sigma = tile / 8) or ``constant`` (plain averaging).
         batch_size: windows per forward pass.
-        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 on GPUs with bf16 hardware, else fp32), ``fp32`` or ``bf16``.
         tta: average the logits of the 4 flips (none, horizontal, vertical, both).
     """
 
@@ -55,13 +57,17 @@ class PredictOptions:
         return default_margin(self.overlap) if self.margin is None else self.margin
 
     def validate(self) -> None:
-        check_tiling(self.tile, self.overlap, self.resolved_margin)
+        """Options come from the command line: a bad value is the user's to fix (`UsageError`, exit 2)."""
+        try:
+            check_tiling(self.tile, self.overlap, self.resolved_margin)
+        except ValueError as exc:
+            raise UsageError(f"--tile {self.tile} / --overlap {self.overlap} / --margin: {exc}") from exc
         if self.blend not in BLENDS:
-            raise ValueError(f"unknown blend {self.blend!r}; expected one of {', '.join(BLENDS)}")
+            raise UsageError(f"unknown --blend {self.blend!r}; expected one of {', '.join(BLENDS)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+            raise UsageError(f"unknown --precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -95,8 +101,7 @@ class SlidingWindowPredictor:
         self.num_classes = int(model.hparams["num_classes"])
         self.align = 2 ** int(model.hparams["depth"])
         self.min_side = self.align * (2 if model.hparams["norm"] == "instance" else 1)
-        use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
-        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self.amp_dtype = resolve_inference_precision(options.precision, device)  # auto: bf16 only where native
         self._weights: dict[tuple, torch.Tensor] = {}
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unetdist.data.normalize import Normalization
+from unetdist.data.progress import Progress
 from unetdist.parallel.collectives import barrier, broadcast_object, recv, send
 from unetdist.parallel.env import DistEnv
 from unetdist.infer.instances import label_instances
@@ -90,8 +89,7 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
     costs = [FileCost(f.layout.frames, len(g), g.rows) for f, g in zip(files, grids)]
     plan = make_plan(costs, env.world_size)
     desc = "predict" if env.world_size == 1 else f"predict, rank 0 of {env.world_size}"
-    bar = tqdm(total=plan.windows_of(env.rank, costs), unit="window", desc=desc, disable=not env.is_main,
-               file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    bar = Progress(plan.windows_of(env.rank, costs), desc, "window", enabled=env.is_main)
     ctx = Context(env, predictor, outputs, bar.update, str(info.data.get("dtype", "")))
     start = time.perf_counter()
     written: list[Path] = []
@@ -237,7 +235,7 @@ def _summary(info: ModelInfo, norm: Normalization, options: PredictOptions, outp
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[PredictOptions, OutputOptions]:
-    """The `unetdist predict` flags (shared by `unetdist evaluate --checkpoint`) as option objects."""
+    """The `unetdist predict` flags (shared by `unetdist evaluate --model`) as option objects."""
     predict = PredictOptions(tile=args.tile, overlap=args.overlap, margin=args.margin, blend=args.blend,
                              batch_size=args.batch_size, precision=args.precision, tta=args.tta)
     outputs = OutputOptions(probabilities=args.probabilities, prob_dtype=args.prob_dtype,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ GPU_PEAKS: tuple[tuple[str, DevicePeak | None], ...] = (
     ("h100 nvl", DevicePeak(835.5 * T, 417.8 * T, 60.0 * T)),
     ("h100 pcie", DevicePeak(756.5 * T, 378.0 * T, 51.2 * T)),
     ("h100", DevicePeak(989.4 * T, 494.7 * T, 66.9 * T)),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("gb200", DevicePeak(2500.0 * T, 1250.0 * T, 80.0 * T)),  # GB200 NVL72, per GPU
     ("b200", DevicePeak(2250.0 * T, 1125.0 * T, 75.0 * T)),  # HGX B200, per GPU
     ("a100", DevicePeak(312.0 * T, 156.0 * T, 19.5 * T)),
     ("a10g", None),
@@ -55,19 +57,26 @@ GPU_PEAKS: tuple[tuple[str, DevicePeak | None], ...] = (
 
 
 def lookup_gpu_peak(name: str) -> tuple[str, DevicePeak] | None:
-    """The table entry for a GPU name (``torch.cuda.get_device_name()``), or None when unknown."""
+    """The table entry for a GPU name (``torch.cuda.get_device_name()``), or None when unknown.
+
+    An entry matches as a whole model name: "b200" does not match "GB200", nor "a10" "A100".
+    """
     lowered = name.lower()
     for key, peak in GPU_PEAKS:
-        if key in lowered:
+        if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![0-9])", lowered):
             return (key, peak) if peak is not None else None
     return None
 
 
-def _precision_key(dtype: torch.dtype) -> str:
+def precision_key(dtype: torch.dtype, device_type: str, cudnn_tf32: bool) -> str:
+    """Which peak a run in ``dtype`` is measured against: ``bf16`` (16-bit), ``tf32`` or ``fp32``.
+
+    TF32 exists only on CUDA GPUs, and only counts while cuDNN may use it for the convolutions.
+    """
     if dtype in (torch.bfloat16, torch.float16):
         return "bf16"
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+        return "tf32" if device_type == "cuda" and cudnn_tf32 else "fp32"
     raise ValueError(f"no peak for dtype {dtype}; use float32, bfloat16 or float16")
 
 
@@ -92,7 +101,7 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -
 def peak_flops_with_source(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
     """:func:`peak_flops` and where it came from (``table:<entry>/<precision>`` or ``measured:...``)."""
     device = torch.device(device)
-    key = _precision_key(dtype)
+    key = precision_key(dtype, device.type, torch.backends.cudnn.allow_tf32)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         found = lookup_gpu_peak(torch.cuda.get_device_name(index))
@@ -100,8 +109,9 @@ def peak_flops_with_source(device: torch.device | str, dtype: torch.dtype = torc
             name, peak = found
             return float(getattr(peak, key)), f"table:{name}/{key}"
     threads = torch.get_num_threads()
-    flops = measured_matmul_flops(str(device), dtype, threads)
-    source = f"measured:matmul/{str(dtype).removeprefix('torch.')}/{threads}threads"
+    tf32 = key == "tf32"  # convolutions may use TF32: so must the matmul that stands for the peak
+    flops = measured_matmul_flops(str(device), dtype, threads, tf32=tf32)
+    source = f"measured:matmul/{'tf32' if tf32 else str(dtype).removeprefix('torch.')}/{threads}threads"
     if dtype != torch.float32 and device.type == "cpu":
         # Many CPUs emulate 16-bit matmuls slower than their fp32 ones while oneDNN's 16-bit
         # convolutions are not: the machine's peak for an autocast run is at least its fp32 peak.
@@ -112,8 +122,12 @@ def peak_flops_with_source(device: torch.device | str, dtype: torch.dtype = torc
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int, seconds: float = 0.3) -> float:
-    """Best-of-3 FLOP/s of repeated ``a @ b`` on square matrices (cached per device, dtype, threads).
+def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int, seconds: float = 0.3,
+                          tf32: bool = False) -> float:
+    """Best-of-3 FLOP/s of repeated ``a @ b`` on square matrices (cached per device, dtype, threads, TF32).
+
+    ``tf32``: let a float32 matmul use TF32 tensor cores during the measurement (PyTorch's matmul
+    default is off, cuDNN's convolution default on); no effect off CUDA.
 
     Sizes: 1024 on CPU, 8192 on GPUs. ``threads`` is part of the cache key only: the
     measurement uses the current thread count. On a shared machine a busy neighbour lowers the
@@ -129,18 +143,23 @@ def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int, seconds
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    (a @ b).sum()  # warm-up: allocation, kernel selection
-    sync()
-    best = 0.0
-    for _ in range(3):
-        count, start = 0, time.perf_counter()
-        while True:
-            a @ b
-            count += 1
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds / 3:
-                break
-        best = max(best, 2.0 * n**3 * count / elapsed)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        (a @ b).sum()  # warm-up: allocation, kernel selection
+        sync()
+        best = 0.0
+        for _ in range(3):
+            count, start = 0, time.perf_counter()
+            while True:
+                a @ b
+                count += 1
+                sync()
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds / 3:
+                    break
+            best = max(best, 2.0 * n**3 * count / elapsed)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     log.info("measured %s %s matmul peak: %.1f GFLOP/s (%d threads)", device, dtype, best / 1e9, threads)
     return best

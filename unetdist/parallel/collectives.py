@@ -88,3 +88,8 @@ def send(tensor: torch.Tensor, dst: int) -> None:
 def recv(tensor: torch.Tensor, src: int) -> None:
     """Point-to-point receive into `tensor`."""
     dist.recv(tensor, src)
+
+
+def group_backend() -> str | None:
+    """The default process group's backend (``nccl``, ``gloo``), or None without a group."""
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None

@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
+from packaging.version import Version
+
 from unetdist.config import Config, ConfigError
+from unetdist.parallel.precision import choose_amp_dtype
+
+# `torch_autocast` (how we run bf16 and fp16 with fp32 weights and BatchNorm) arrived in DeepSpeed 0.17.2;
+# older versions ignore the section without a word and train in fp32.
+MIN_DEEPSPEED_AUTOCAST = "0.17.2"
 
 # Top-level sections DeepSpeed reads that are not in deepspeed.runtime.constants.
 _SECTIONS = {
@@ -28,8 +36,14 @@ def known_top_level_keys() -> set[str]:
     return names | _SECTIONS
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for this run on `world_size` ranks, or a ConfigError saying what to fix."""
+def deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu",
+                     capability: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for this run on `world_size` ranks, or a ConfigError saying what to fix.
+
+    The precision section follows the same choice as the DDP engine (`train.precision=auto` means
+    bf16 on GPUs with bf16 hardware, fp16 on older GPUs, fp32 on CPU), from the device's kind and
+    compute capability.
+    """
     ds, train = cfg.parallel.deepspeed, cfg.train
     micro = cfg.data.batch_size // train.grad_accum
     out: dict[str, Any] = {
@@ -49,13 +63,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if ds.zero_stage == 3:
         del out["zero_optimization"]["allgather_bucket_size"]  # stage 3 gathers per layer (prefetch buckets)
         out["zero_optimization"]["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
-    if train.precision == "bf16":
-        # Autocast keeps fp32 weights and BatchNorm statistics; DeepSpeed's "bf16" section casts the
-        # weights and fails with BatchNorm ("expected scalar type BFloat16 but found Float").
-        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif train.precision == "fp16":
-        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                       "hysteresis": 2, "min_loss_scale": 1}
+    amp_dtype = choose_amp_dtype(train.precision, device_type, capability)
+    if amp_dtype is not None:
+        # Autocast keeps fp32 weights and BatchNorm statistics. DeepSpeed's "bf16"/"fp16" sections cast the
+        # weights instead and fail with BatchNorm ("expected scalar type BFloat16 but found Float") or meet
+        # float32 images with half weights in the first convolution. With float16 DeepSpeed adds a dynamic
+        # loss scaler (torch.amp.GradScaler) itself.
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if amp_dtype == torch.bfloat16 else "float16"}
     if ds.optimizer == "torch":
         # Ours are element-wise (AdamW, SGD), so ZeRO's flat partitions update exactly as whole tensors would.
         out["zero_allow_untested_optimizer"] = True
@@ -93,10 +107,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], where: str) -> None:
 
 
 def _check(out: dict[str, Any], world_size: int) -> None:
-    fp16 = bool(out.get("fp16", {}).get("enabled", False))
-    bf16 = bool(out.get("bf16", {}).get("enabled", False)) or bool(out.get("torch_autocast", {}).get("enabled", False))
-    if fp16 and bf16:
-        raise ConfigError("fp16 and bf16 are both enabled in the DeepSpeed config; choose one with train.precision")
+    enabled = [name for name in ("fp16", "bf16", "torch_autocast") if out.get(name, {}).get("enabled", False)]
+    if len(enabled) > 1:
+        raise ConfigError(f"the DeepSpeed config enables {' and '.join(enabled)}: choose one precision with "
+                          "train.precision (unetdist runs bf16 and fp16 through torch_autocast)")
     expected = out["train_micro_batch_size_per_gpu"] * out["gradient_accumulation_steps"] * world_size
     if out["train_batch_size"] != expected:
         raise ConfigError(
@@ -110,3 +124,11 @@ def _check(out: dict[str, Any], world_size: int) -> None:
     except Exception as exc:  # pydantic's ValidationError names the offending key
         raise ConfigError("invalid DeepSpeed zero_optimization section (from parallel.deepspeed.* and "
                           f"parallel.deepspeed.extra.zero_optimization): {exc}") from exc
+
+
+def check_deepspeed_version(version: str, ds_config: dict[str, Any]) -> None:
+    """Refuse a DeepSpeed too old for the `torch_autocast` section this config needs (it would train in fp32)."""
+    if ds_config.get("torch_autocast", {}).get("enabled") and Version(version) < Version(MIN_DEEPSPEED_AUTOCAST):
+        dtype = ds_config["torch_autocast"]["dtype"]
+        raise ConfigError(f"DeepSpeed {version} ignores the torch_autocast section and would train this {dtype} run "
+                          f"in fp32; install deepspeed>={MIN_DEEPSPEED_AUTOCAST} or set train.precision=fp32")

@@ -10,9 +10,13 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from unetdist.parallel.node import NodeResources
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +50,41 @@ def _int_env(name: str, default: int) -> int:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def node_resources() -> "NodeResources":
+    """Cores this process may run on (CPU affinity: what SLURM's --cpus-per-task grants) and the node's
+    memory (the smaller of physical memory and a cgroup limit)."""
+    from unetdist.parallel.node import NodeResources
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    except OSError:
+        pass
+    return NodeResources(cores=cores, memory_bytes=memory)
+
+
 def launch_world_size() -> int:
     """The world size the launcher announced, readable before joining the group (for early checks)."""
     return _int_env("WORLD_SIZE", 1)
 
 
-def init_distributed(timeout_s: int = 1800) -> DistEnv:
+def launch_rank() -> int:
+    """This process's global rank as the launcher announced it, before joining the group (logs, error lines)."""
+    return _int_env("RANK", 0)
+
+
+def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> DistEnv:
     """Join the process group described by torchrun's variables, or run alone without them.
 
     The backend follows the device: NCCL when this process has a GPU, gloo otherwise. The local
     rank (not the global rank) picks the GPU, which is what makes multi-node launches correct.
+    One process started without a launcher needs no group, except for DeepSpeed (`group_for_one`),
+    whose engine always talks through one: it gets a group of one on an in-process store (no address
+    or port needed). Under torchrun a single process joins its group as a larger job would (NCCL
+    initialised with `device_id`), so a 1-GPU run exercises the same path.
     """
     rank = _int_env("RANK", 0)
     world_size = _int_env("WORLD_SIZE", 1)
@@ -68,21 +97,26 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if world_size > 1 and not dist.is_initialized():
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise RuntimeError(
-                    f"WORLD_SIZE={world_size} but {key} is not set: start multi-process runs with torchrun "
-                    "(e.g. torchrun --nproc_per_node=2 -m unetdist.train --config ...)"
-                )
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if backend == "nccl" else None,
-        )
+    launched = bool(os.environ.get("MASTER_ADDR")) and "WORLD_SIZE" in os.environ  # torchrun: join even alone
+    if (world_size > 1 or group_for_one or launched) and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        device_id = device if backend == "nccl" else None
+        if world_size == 1 and not all(os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")):
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it from the environment
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout, device_id=device_id)
+        else:
+            for key in ("MASTER_ADDR", "MASTER_PORT"):
+                if key not in os.environ:
+                    raise RuntimeError(
+                        f"WORLD_SIZE={world_size} but {key} is not set: start multi-process runs with torchrun "
+                        "(e.g. torchrun --nproc_per_node=2 -m unetdist.train --config ...)"
+                    )
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     env = DistEnv(rank, world_size, local_rank, local_world_size, device)
     if env.is_main:
-        log.info("process group: world_size=%d backend=%s device=%s", world_size, backend, device)
+        log.info("process group: world_size=%d backend=%s device=%s%s", world_size, backend, device,
+                 "" if dist.is_initialized() else " (none: one process)")
     return env
 
 

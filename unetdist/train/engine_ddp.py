@@ -1,7 +1,8 @@
 """The backend interface the trainer drives, and its DDP implementation.
 
 One training loop serves every backend: an engine owns the wrapped model, the optimizer, the
-LR schedule and loss scaling, and knows how to save and load its own checkpoints. The
+LR schedule and loss scaling, and hands out / takes back their state; the files are the business
+of `unetdist.train.checkpoint` (DeepSpeed's sharded folders stay DeepSpeed's format). The
 DeepSpeed engine (`unetdist.train.engine_deepspeed`) implements the same interface.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -19,7 +19,6 @@ from unetdist.config import Config
 from unetdist.parallel.env import DistEnv
 from unetdist.parallel.parallelize import prepare_module, unwrap, wrap_ddp
 from unetdist.parallel.precision import resolve_precision
-from unetdist.train.checkpoint import load_checkpoint, save_checkpoint
 from unetdist.train.optim import build_optimizer, build_scheduler
 
 
@@ -39,8 +38,9 @@ class Engine(Protocol):
     @property
     def module(self) -> nn.Module: ...
     def eval_module(self) -> nn.Module: ...
-    def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None: ...
-    def load(self, path: Path) -> dict[str, Any]: ...
+    # Checkpoint state, one of two forms (see unetdist.train.checkpoint.save_training):
+    #   state_dict() -> dict / load_state_dict(dict)           rank 0 writes one file (DDP)
+    #   save_to(folder, client_state) / load_from(folder)    every rank writes its shard (DeepSpeed)
 
 
 class TorchEngine:
@@ -52,7 +52,7 @@ class TorchEngine:
         self.optimizer = build_optimizer(list(self.model.parameters()), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(env.device.type) if self.amp_dtype == torch.float16 else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.amp_dtype is None:
@@ -102,27 +102,18 @@ class TorchEngine:
     def eval_module(self) -> nn.Module:
         return self.module
 
-    def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None:
-        """Rank 0 writes one atomic file; the caller gathered whatever client_state needs from all ranks."""
-        if not self.env.is_main:
-            return
-        state = {
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, LR schedule and loss scaler: what a checkpoint file holds besides the client state."""
+        return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            **client_state,
         }
-        save_checkpoint(directory, step, state, keep_last)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        if path.is_dir():
-            raise ValueError(f"{path} is a DeepSpeed checkpoint folder; set parallel.backend=deepspeed to resume it "
-                             "(or `unetdist export` it to a model file)")
-        state = load_checkpoint(path)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        return state

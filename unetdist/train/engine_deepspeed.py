@@ -4,9 +4,8 @@ The engine gets our model (already prepared: activation checkpointing with the B
 guard, device, memory format), our torch optimizer and LR schedule unless the config asks for
 DeepSpeed's, and a DeepSpeed config generated from ours.
 
-Checkpoints use DeepSpeed's `save_checkpoint`/`load_checkpoint` (per-rank ZeRO shards), written
-under a temporary tag and renamed only after every rank has finished, then `latest` is
-replaced atomically: a crash mid-save never leaves `latest` naming an incomplete folder.
+Checkpoints use DeepSpeed's `save_checkpoint`/`load_checkpoint` (per-rank ZeRO shards) into the
+folder `unetdist.train.checkpoint` names; that module commits, discovers and prunes the folders.
 """
 
 from __future__ import annotations
@@ -22,20 +21,20 @@ import torch
 from torch import nn
 
 from unetdist.config import Config
-from unetdist.parallel.deepspeed_config import deepspeed_config
-from unetdist.parallel.collectives import barrier
+from unetdist.parallel.deepspeed_config import check_deepspeed_version, deepspeed_config
 from unetdist.parallel.env import DistEnv
 from unetdist.parallel.parallelize import prepare_module
-from unetdist.parallel.precision import resolve_precision
+from unetdist.parallel.precision import cuda_capability, resolve_precision
 from unetdist.model import UNet
-from unetdist.train.checkpoint import commit, prune, remove_stale
 from unetdist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 
-def _import_deepspeed(env: DistEnv) -> Any:
+def _import_deepspeed(env: DistEnv, ds_config: dict[str, Any]) -> Any:
     import deepspeed
+
+    check_deepspeed_version(deepspeed.__version__, ds_config)
 
     # DeepSpeed's ZeRO collectives call torch names that torch 2.13 deprecates, once per step per rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
@@ -49,14 +48,22 @@ def _import_deepspeed(env: DistEnv) -> Any:
     return deepspeed
 
 
+def _grad_scaler(engine: Any) -> torch.amp.GradScaler | None:
+    """The GradScaler DeepSpeed made for float16 autocast: the engine's without ZeRO, the optimizer's with it."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is None:
+        scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+    return scaler
+
+
 class DeepSpeedEngine:
     """ZeRO stages 0-3, fp32 / bf16 autocast / fp16 with dynamic loss scaling, gradient accumulation."""
 
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module) -> None:
         self.cfg, self.env = cfg, env
         self.stage = cfg.parallel.deepspeed.zero_stage
-        self.ds_config = deepspeed_config(cfg, env.world_size)
-        deepspeed = _import_deepspeed(env)
+        self.ds_config = deepspeed_config(cfg, env.world_size, env.device.type, cuda_capability(env.device))
+        deepspeed = _import_deepspeed(env, self.ds_config)
         model = prepare_module(model, cfg.train, cfg.parallel, env)
         optimizer = scheduler = None
         if cfg.parallel.deepspeed.optimizer == "torch":
@@ -68,8 +75,10 @@ class DeepSpeedEngine:
             model_parameters=None if optimizer is not None else list(model.parameters()),
             dist_init_required=False,
         )
-        # Autocast for evaluation only: in training DeepSpeed applies its own (torch_autocast section).
+        # Autocast for evaluation only: in training DeepSpeed applies its own (torch_autocast section),
+        # chosen by the same function, so validation and MFU use the dtype training ran in.
         self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
+        self._scaler = _grad_scaler(self.engine)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.engine(image)
@@ -85,6 +94,8 @@ class DeepSpeedEngine:
     def step(self) -> torch.Tensor:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):  # ZeRO 1/2: a device tensor; float() here would sync every step
+            return norm.detach()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     @property
@@ -93,9 +104,7 @@ class DeepSpeedEngine:
 
     @property
     def loss_scale(self) -> float | None:
-        if not self.ds_config.get("fp16", {}).get("enabled"):
-            return None
-        return float(self.engine.optimizer.cur_scale)
+        return float(self._scaler.get_scale()) if self._scaler is not None else None
 
     @property
     def module(self) -> nn.Module:
@@ -113,27 +122,13 @@ class DeepSpeedEngine:
             copy.load_state_dict({k: v.detach().clone() for k, v in self.engine.module.state_dict().items()})
         return copy
 
-    def save(self, directory: Path, step: int, client_state: dict[str, Any], keep_last: int) -> None:
-        """Collective. Every rank writes its shard into `step_N.tmp`; rank 0 commits it and `latest`."""
-        tag = f"step_{step:09d}"
-        if self.env.is_main:
-            directory.mkdir(parents=True, exist_ok=True)
-            remove_stale(directory)
-        barrier(self.env)
-        self.engine.save_checkpoint(str(directory), tag=f"{tag}.tmp", client_state=client_state, save_latest=False)
-        barrier(self.env)
-        if self.env.is_main:
-            commit(directory / f"{tag}.tmp", directory / tag)
-            latest_tmp = directory / "latest.tmp"
-            latest_tmp.write_text(tag)
-            commit(latest_tmp, directory / "latest")
-            prune(directory, keep_last)
-        barrier(self.env)
+    def save_to(self, folder: Path, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its shard of this step into `folder` (DeepSpeed's format)."""
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        if not path.is_dir():
-            raise ValueError(f"{path} is a DDP checkpoint file; set parallel.backend=ddp to resume it")
-        load_path, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+    def load_from(self, folder: Path) -> dict[str, Any]:
+        """Collective: every rank loads its shard; returns the client state saved with it."""
+        load_path, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
         return client_state

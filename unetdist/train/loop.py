@@ -19,10 +19,13 @@ from unetdist.data.default import ensure_dataset
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
-from unetdist.model.flops import train_step_flops_for
-from unetdist.train.checkpoint import resolve_resume
-from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png
+from unetdist.parallel.node import sample_bytes, warn_if_overloaded
+from unetdist.parallel.shared_dir import check_shared_run_dir
+from unetdist.train.checkpoint import CheckpointError, select_resume
+from unetdist.train.fingerprint import check_resume, current
+from unetdist.train.logging import IntervalStats, RunLogger, prediction_grid, save_png, step_flops_per_image
 from unetdist.train.preemption import Preempted, StopSignal
+from unetdist.train.runlock import RunLock
 from unetdist.train.trainer import Trainer, build_trainer
 
 log = logging.getLogger(__name__)
@@ -31,26 +34,62 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     """Train to `train.steps`, resuming where a previous run of the same folder stopped."""
     run_dir = Path(cfg.run.dir)
-    manifest = _open_data(cfg)
-    cfg = replace(cfg, model=replace(cfg.model, in_channels=manifest.channels, num_classes=manifest.num_classes))
-    trainer = build_trainer(cfg, env)
-    _resume(cfg, env, trainer, run_dir / "checkpoints")
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = RunLogger(run_dir / "tb" if env.is_main else None, cfg.train.steps, trainer.step)
-    logger.config(yaml.safe_dump(to_dict(cfg), sort_keys=False), _hparams(cfg, env))
-    stop_signal = StopSignal()
+    if env.world_size > env.local_world_size:  # several nodes: resume and checkpoints need one shared run.dir
+        check_shared_run_dir(env, run_dir)
+    lock = _lock(env, run_dir)
     try:
-        metrics = _train(cfg, env, trainer, manifest, logger, run_dir, stop_signal)
+        manifest = _open_data(cfg)
+        cfg = replace(cfg, model=replace(cfg.model, in_channels=manifest.channels, num_classes=manifest.num_classes))
+        if env.is_main:
+            per_worker = batches_per_epoch(cfg.data, manifest, env.world_size) * cfg.data.batch_size // max(1, cfg.data.workers)
+            warn_if_overloaded(env.local_world_size, cfg.data.workers, cfg.data.shuffle_buffer,
+                               sample_bytes(manifest.tile, manifest.channels, manifest.dtype, manifest.weights), per_worker)
+        start = _select_checkpoint(cfg, env, manifest, run_dir / "checkpoints")
+        trainer = build_trainer(cfg, env)
+        if start is not None:
+            _resume(env, trainer, *start)
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        metrics = _run_logged(cfg, env, trainer, manifest, run_dir)
+        barrier(env)
+        return metrics
+    finally:
+        lock.release()
+
+
+def _run_logged(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, run_dir: Path) -> dict[str, float]:
+    logger = RunLogger(run_dir / "tb" if env.is_main else None, cfg.train.steps, trainer.step)
+    logger.config(yaml.safe_dump(to_dict(cfg), sort_keys=False), _hparams(cfg, env, manifest))
+    stop_signal = StopSignal(every=cfg.train.stop_check_every)
+    try:
+        return _train(cfg, env, trainer, manifest, logger, run_dir, stop_signal)
+    except Preempted:
+        raise
+    except Exception as exc:
+        if stop_signal.received:  # e.g. torchrun tearing down a group whose other members died
+            raise Preempted(trainer.step, stop_signal.received, checkpoint=False) from exc
+        raise
     finally:
         stop_signal.restore()
         logger.close()
-    barrier(env)
-    return metrics
 
 
-def _hparams(cfg: Config, env: DistEnv) -> dict[str, float | int | str | bool]:
+def _lock(env: DistEnv, run_dir: Path) -> RunLock:
+    """Rank 0 locks the run folder; every rank fails alike when another run holds it."""
+    lock = RunLock(run_dir)
+    error = None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except ConfigError as exc:
+            error = str(exc)
+    error = broadcast_object(env, error)
+    if error:
+        raise ConfigError(str(error))
+    return lock
+
+
+def _hparams(cfg: Config, env: DistEnv, manifest: Manifest) -> dict[str, float | int | str | bool]:
     return {
         "backend": cfg.parallel.backend,
         "zero_stage": cfg.parallel.deepspeed.zero_stage if cfg.parallel.backend == "deepspeed" else -1,
@@ -64,7 +103,7 @@ def _hparams(cfg: Config, env: DistEnv) -> dict[str, float | int | str | bool]:
         "depth": cfg.model.depth,
         "norm": cfg.model.norm,
         "activation_checkpointing": cfg.train.activation_checkpointing,
-        "tile": cfg.data.shard.tile,
+        "tile": manifest.tile,
     }
 
 
@@ -79,6 +118,9 @@ def _open_data(cfg: Config) -> Manifest:
     if cfg.train.weight_map and not manifest.weights:
         raise ConfigError(f"train.weight_map=true but the shards in {root} hold no weight maps; "
                           "re-shard with --weight-map (data.shard.weight_map=true) or set train.weight_map=false")
+    if manifest.tile != cfg.data.shard.tile:
+        raise ConfigError(f"data.shard.tile={cfg.data.shard.tile} but the dataset in {root} was cut into "
+                          f"{manifest.tile}-px tiles; set data.shard.tile={manifest.tile}, or re-shard the images")
     if cfg.model.num_classes is not None and manifest.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"data in {root} has {manifest.num_classes} classes but model.num_classes={cfg.model.num_classes}; "
@@ -87,12 +129,31 @@ def _open_data(cfg: Config) -> Manifest:
     return manifest
 
 
-def _resume(cfg: Config, env: DistEnv, trainer: Trainer, ckpt_dir: Path) -> None:
-    path = resolve_resume(cfg.run.resume, ckpt_dir) if env.is_main else None
-    path = broadcast_object(env, path)
+def _select_checkpoint(cfg: Config, env: DistEnv, manifest: Manifest,
+                       ckpt_dir: Path) -> tuple[Path, dict | None] | None:
+    """Rank 0 finds the checkpoint to start from and checks it continues this run; every rank gets the path.
+
+    Rank 0 keeps what it read (for a DDP file, the whole state) so the file is read once there.
+    """
+    found, error = None, None
+    if env.is_main:
+        try:
+            found = select_resume(cfg.run.resume, ckpt_dir)
+            if found is not None:
+                check_resume(found[1], found[0], cfg, manifest.checkpoint_info())
+        except (ConfigError, CheckpointError) as exc:
+            error = exc
+    shared = broadcast_object(env, (None if found is None else str(found[0]), error))
+    path, error = shared  # type: ignore[misc]
+    if error is not None:
+        raise error
     if path is None:
-        return
-    state = trainer.load(Path(path))
+        return None
+    return Path(path), (found[1] if found is not None and not Path(path).is_dir() else None)
+
+
+def _resume(env: DistEnv, trainer: Trainer, path: Path, state: dict | None) -> None:
+    state = trainer.load(path, state)
     if env.is_main:
         log.info("resumed from %s at step %d", path, trainer.step)
         if state.get("world_size") != env.world_size:
@@ -129,7 +190,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
                 height, width = batch["image"].shape[-2:]
-                flops = train_step_flops_for(cfg.model.hparams(), height, width, 1, cfg.train.activation_checkpointing)
+                flops = step_flops_per_image(cfg.model.hparams(), height, width, cfg.train.activation_checkpointing)
                 values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
@@ -139,11 +200,12 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             saved = _due(step, cfg.train.ckpt_every, total) or step == stop
             if saved:
                 _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
-            if step < total and stop_signal.agreed(env):
+            signum = stop_signal.agreed(env, step, force=saved) if step < total else 0
+            if signum:
                 if not saved:
                     _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
                 logger.message(f"stop signal: checkpoint at step {step} written; resume with run.resume=auto")
-                raise Preempted(step)
+                raise Preempted(step, signum)
     if trainer.step == total and not metrics:  # resumed a finished run: report it again
         metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
     if env.is_main and trainer.step == total:
@@ -168,5 +230,6 @@ def _validate(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, l
 
 
 def _save(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, ckpt_dir: Path) -> None:
-    trainer.save(ckpt_dir, {"data": manifest.checkpoint_info(cfg.data.normalize)})  # collective: every rank takes part
+    info = manifest.checkpoint_info(cfg.data.normalize)
+    trainer.save(ckpt_dir, {"data": info, "fingerprint": current(cfg, info)})  # collective: every rank takes part
     barrier(env)

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from unetdist.config import Config, to_dict
-from unetdist.parallel.collectives import all_gather_object, broadcast_
+from unetdist.parallel.collectives import all_gather_object, barrier, broadcast_
 from unetdist.parallel.env import DistEnv
 from unetdist.model import UNet
+from unetdist.train.checkpoint import load_training, save_training
 from unetdist.train.engine_ddp import Engine, TorchEngine
+from unetdist.train.logging import GridSamples
 from unetdist.train.metrics import ConfusionCounter, segmentation_loss
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class Trainer:
         module.eval()
         broadcast_(self.env, module.buffers())  # rank 0's BatchNorm statistics everywhere, as checkpoints hold them
         counter = ConfusionCounter(self.cfg.model.hparams()["num_classes"], self.env.device)
-        kept: list[torch.Tensor] = []
+        kept = GridSamples(keep)
         for batch in batches:
             image, label, weight = self._to_device(batch)
             with self._autocast():
@@ -107,13 +109,11 @@ class Trainer:
             loss = segmentation_loss(logits, label, self.cfg.train.dice_weight, weight) * label.shape[0]
             counter.update(logits.float(), label, loss)
             counter.skipped += int(batch.get("skipped", 0))
-            if len(kept) < keep:
-                pred = logits.argmax(1)
-                for i in range(min(keep - len(kept), len(label))):
-                    kept.append(torch.stack([image[i, 0].float(), label[i].float(), pred[i].float()]).cpu())
+            if keep and not kept.full:
+                kept.offer(image, label, logits.argmax(1))
         module.train()
         counter.all_reduce(self.env)
-        return counter.summary(), kept
+        return counter.summary(), kept.samples()
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         """Collective: every rank contributes its RNG state; the engine writes its checkpoint format."""
@@ -127,10 +127,12 @@ class Trainer:
             "model_hparams": self.cfg.model.hparams(),
             **extra,
         }
-        self.engine.save(directory, self.step, client_state, self.cfg.train.keep_last)
+        save_training(self.engine, directory, self.step, client_state, self.cfg.train.keep_last,
+                      self.env.is_main, lambda: barrier(self.env))
 
-    def load(self, path: Path) -> dict[str, Any]:
-        state = self.engine.load(path)
+    def load(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore from a checkpoint; `state` is its content when the caller has already read it."""
+        state = load_training(self.engine, path, state)
         self.step = int(state["step"])
         rngs = state.get("rng") or []
         if len(rngs) == self.env.world_size:
