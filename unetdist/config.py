@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -80,7 +80,7 @@ class ShardConfig:
     min_shards: int = 1  # per split, when there are enough tiles: at least ranks x workers at scale
     val_fraction: float = 0.25
     seed: int = 0
-    axes: str = "auto"  # image axes over T (frames), C (channels), Y, X, e.g. "TCYX"; auto: from TIFF metadata
+    axes: str = "auto"  # storage order over T, C, Z, Y, X, e.g. "TZCYX"; auto: from OME/ImageJ/NGFF metadata
     labels: Literal["classes", "instances"] = "classes"  # class masks, or instance ids converted to classes
     frame_block: int = 0  # time-lapse: consecutive frames per train/val split unit (0: the whole stack)
     min_foreground: float = 0.0  # train tiles with less foreground than this are "empty"
@@ -90,6 +90,8 @@ class ShardConfig:
     sigma: float = 5.0  # weight map: border term width in pixels
     class_balance: bool = True  # weight map: w_c(x) = 1 / (K x frequency of the class of x); false: 1
     workers: int = 0  # processes reading and tiling images (0: one per CPU core for inputs over 64 MB, else 1)
+    region_pixels: int = 16_777_216  # images are read and tiled in bands of about this many pixels (bounds memory)
+    skip_background: str = "off"  # off, bright or dark: drop train tiles a low-res view shows as background
 
 
 @dataclass
@@ -127,13 +129,30 @@ class NormalizeConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The node-local cache of shards read from a URL data.root (see unetdist/data/cache.py)."""
+
+    dir: str = ""  # a local folder shared by the ranks of a node ("": no cache, stream every epoch)
+    max_bytes: int = 0  # least recently used shards are deleted above this size (0: no limit)
+    prefetch: int = 2  # shards downloaded ahead of the one being read
+
+
+@dataclass
 class DataConfig:
-    root: str = "data/synth-default"  # folder holding manifest.json and the shards
+    """The data section. `generate_asked` (not a key) is set by `load_config`: data.generate was on the command line."""
+
+    generate_asked: ClassVar[bool] = False  # instance attribute when set; a class default otherwise
+    root: str = "data/synth-default"  # folder or http(s)/s3/gs URL holding manifest.json and the shards
     train_urls: str = ""  # optional WebDataset URL(s) overriding the manifest's train shards
     val_urls: str = ""
     batch_size: int = 8  # per device
+    global_batch: int = 0  # > 0: data.batch_size = this / world size, so a job requeued on other nodes keeps its data order
     workers: int = 2
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # raw samples a reader of all partitions holds for shuffling
+    partitions: int = 0  # fixed partitions of the sample order (0: largest divisor of the global batch <= shards)
+    retries: int = 5  # attempts after a failed or broken connection to a shard server
+    retry_wait: float = 0.5  # seconds before the first retry, doubled each time (at most 30 s)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # `true`/`false` still accepted
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     generate: bool = False  # make the synthetic dataset in `root` when it is missing
@@ -218,6 +237,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _apply_override(raw, item)
     cfg = _build(Config, raw, where=str(path) if path else "config")
     validate(cfg)
+    # data.generate from a file applies to the shipped roots only; on the command line, to any root
+    cfg.data.generate_asked = any(item.split("=", 1)[0].strip() == "data.generate" for item in overrides)
     return cfg
 
 
@@ -300,11 +321,18 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
          f"data.normalize.low={data.normalize.low} and data.normalize.high={data.normalize.high} must satisfy "
          "0 <= low < high <= 100 (percentiles)"),
         *((False, problem) for problem in shard_problems(shard)),
+        *((False, problem) for problem in shard_problems(shard)),
         (aug.crop == 0 or aug.crop >= 8, "data.augment.crop must be 0 (whole tiles) or >= 8"),
         *((0.0 <= getattr(aug, p) <= 1.0, f"data.augment.{p} must be a probability in [0, 1]") for p in probabilities),
         (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),
         (aug.elastic_grid >= 2, "data.augment.elastic_grid must be >= 2"),
         (aug.blur_sigma >= 0.5, "data.augment.blur_sigma must be >= 0.5"),
+        (data.partitions >= 0, "data.partitions must be >= 0 (0: automatic)"),
+        (data.global_batch >= 0, "data.global_batch must be >= 0 (0: data.batch_size is per device)"),
+        (data.retries >= 0 and data.retry_wait >= 0, "data.retries and data.retry_wait must be >= 0"),
+        (data.cache.max_bytes >= 0 and data.cache.prefetch >= 0, "data.cache.max_bytes and data.cache.prefetch "
+         "must be >= 0 (max_bytes 0: no limit)"),
+        (not (data.cache.dir and "://" in data.cache.dir), f"data.cache.dir={data.cache.dir!r} must be a local folder"),
     ]
 
 
@@ -323,6 +351,10 @@ def shard_problems(shard: ShardConfig, name: typing.Callable[[str], str] = lambd
         (shard.w0 >= 0, f"{name('w0')}={shard.w0} must be >= 0"),
         (shard.sigma > 0, f"{name('sigma')}={shard.sigma} must be > 0"),
         (shard.workers >= 0, f"{name('workers')}={shard.workers} must be >= 0 (0: automatic)"),
+        (shard.region_pixels >= 65536, f"{name('region_pixels')}={shard.region_pixels} must be >= 65536 "
+                                       "(pixels read at once per band)"),
+        (shard.skip_background in ("off", "bright", "dark"), f"{name('skip_background')}={shard.skip_background!r} "
+                                                              "must be off, bright (fluorescence) or dark (brightfield)"),
     ]
     return [message for ok, message in checks if not ok]
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_default_run_reaches_dice_target(tmp_path: Path) -> None:
     run_dir, data = tmp_path / "run", tmp_path / "data"
     cmd = [PYTHON, "-m", "unetdist.cli", "train", "--config", str(REPO / "configs/default.yaml"),
-           f"run.dir={run_dir}", f"data.root={data}"]
+           f"run.dir={run_dir}", f"data.root={data}", "data.generate=true"]  # asked for: not the shipped root
     proc = run_cmd(cmd, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

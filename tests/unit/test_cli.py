@@ -246,5 +246,5 @@ def test_synth_and_shard_report_progress_in_a_log(tmp_path: Path) -> None:
     proc = run_cmd([PYTHON, "-m", "unetdist.cli", "shard", "--images", str(raw / "img_*.tif"), "--labels",
                     str(raw / "lbl_*.tif"), "--out", str(tmp_path / "shards"), "--tile", "32"], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"shard: frame 3/3 \(100%\), [\d.e+]+ frame/s", proc.stderr), proc.stderr
+    assert re.search(r"shard: band 3/3 \(100%\), [\d.e+]+ band/s", proc.stderr), proc.stderr
     assert "\r" not in proc.stderr and "wrote" in proc.stdout

@@ -8,16 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from unetdist.config import DataConfig, ShardConfig, SynthConfig
+from unetdist.config import SynthConfig, load_config
 from unetdist.data import default as default_module
 from unetdist.data.default import ensure_dataset
 from unetdist.data.shards import DataError
 
 
-def tiny(root: Path, generate: bool = True, boundary: bool = False) -> DataConfig:
-    return DataConfig(root=str(root), generate=generate,
-                      synth=SynthConfig(images=3, height=32, width=32, seed=1, boundary=boundary),
-                      shard=ShardConfig(tile=16, val_fraction=0.34))
+def tiny(root: Path | str, generate: bool = True, boundary: bool = False, config_file: Path | None = None) -> DataConfig:
+    """The data section as `unetdist train` builds it, with data.generate given on the command line."""
+    overrides = [f"data.root={root}", "data.synth.images=3", "data.synth.height=32", "data.synth.width=32",
+                 "data.synth.seed=1", f"data.synth.boundary={str(boundary).lower()}", "data.shard.tile=16",
+                 "data.shard.val_fraction=0.34"]
+    if config_file is None:
+        overrides.append(f"data.generate={str(generate).lower()}")
+    return load_config(config_file, overrides).data
 
 
 def _start_together(root: str, log: str, barrier: multiprocessing.synchronize.Barrier) -> None:
@@ -68,9 +72,31 @@ def test_refuses_to_overwrite_a_folder_without_manifest(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     root.mkdir()
     (root / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="holds no manifest.json"):
+    with pytest.raises(DataError, match="holds files but no manifest.json") as info:
         ensure_dataset(tiny(root), 2)
+    assert "remove" not in str(info.value) and "delete" not in str(info.value)  # never advise deleting their files
     assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_generate_from_a_config_file_does_not_follow_a_typo_in_data_root(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("data:\n  root: data/synth-default\n  generate: true\n")
+    monkeypatch.chdir(tmp_path)
+    typo = tmp_path / "my-shrads"
+    with pytest.raises(FileNotFoundError, match=r"no dataset in .*my-shrads .*only generates into the shipped roots"):
+        ensure_dataset(tiny(typo, config_file=config), 2)
+    assert not typo.exists() and not (tmp_path / "my-shrads.lock").exists()
+    shipped = tiny("data/synth-default", config_file=config)  # the file's own, shipped root: generated
+    assert ensure_dataset(shipped, 2) == Path("data/synth-default")
+    assert (tmp_path / "data/synth-default/manifest.json").is_file()
+
+
+def test_a_url_root_never_generates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = "http://127.0.0.1:9/shards"
+    assert ensure_dataset(tiny(url), 2) == url  # returned as is; its manifest is read from the server
+    assert list(tmp_path.iterdir()) == []  # no local folder named `http:`
 
 
 def test_class_count_must_match_the_synthetic_labels(tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def test_manifest_records_shapes_and_dataset(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert saved["dataset"] == {"name": "x", "licence": "MIT"} and saved["tile_shape"] == [1, 16, 16]
     assert saved["inputs"][0] == {"image": str(pairs[0][0]), "label": str(pairs[0][1]), "frames": 1, "channels": 1,
-                                  "height": 20, "width": 20}
+                                  "height": 20, "width": 20, "axes": "YX", "pixel_size": {}}
     assert manifest["label_dtype"] == "uint8" and len(read_samples(tmp_path / "out" / "train-000000.tar")) == 4
 
 

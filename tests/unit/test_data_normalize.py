@@ -110,6 +110,38 @@ def test_training_tiles_carry_their_whole_images_percentiles(tmp_path: Path) -> 
         train_loader(DataConfig(normalize=NormalizeConfig(low=1.5)), manifest, rank=0, world_size=1, seed=0, epoch=0)
 
 
+def test_stored_percentiles_are_of_the_whole_frame_even_when_it_is_read_in_bands(tmp_path: Path) -> None:
+    """Sharding reads a frame band by band; the manifest's percentiles must still be the whole frame's."""
+    from dataclasses import replace
+
+    from unetdist.data.samples import frame_bands
+
+    rng = np.random.default_rng(7)
+    pairs, frames = [], []
+    for i in range(2):
+        image = np.empty((2, 512, 256), np.uint16)  # C x H x W: a bright top half, a dark bottom half
+        image[:, :256] = rng.integers(20000, 60000, (2, 256, 256))
+        image[:, 256:] = rng.integers(100, 900, (2, 256, 256))
+        image[1] //= 3  # the channels differ too
+        np.save(tmp_path / f"im{i}.npy", image)
+        np.save(tmp_path / f"lb{i}.npy", (rng.random((512, 256)) > 0.5).astype(np.uint8))
+        pairs.append((tmp_path / f"im{i}.npy", tmp_path / f"lb{i}.npy"))
+        frames.append(image)
+    whole_cfg = ShardConfig(tile=32, val_fraction=0.5, seed=2, workers=1)
+    banded_cfg = replace(whole_cfg, region_pixels=65536)
+    assert len(frame_bands(512, 256, whole_cfg)) == 1 and len(frame_bands(512, 256, banded_cfg)) >= 2
+    whole = write_shards(pairs, tmp_path / "whole", whole_cfg, num_classes=2)
+    banded = write_shards(pairs, tmp_path / "banded", banded_cfg, num_classes=2)
+    parallel = write_shards(pairs, tmp_path / "parallel", replace(banded_cfg, workers=2), num_classes=2)
+    for i, image in enumerate(frames):
+        expected = image_percentiles(image, "CYX", PERCENTILE_GRID, MAX_PIXELS).tolist()
+        assert banded["image_percentiles"]["images"][i] == [expected]
+        top_band = image_percentiles(image[:, :128], "CYX", PERCENTILE_GRID, MAX_PIXELS).tolist()
+        assert top_band != expected  # per-band percentiles would be caught
+    assert banded["image_percentiles"] == whole["image_percentiles"] == parallel["image_percentiles"]
+    assert open_manifest(tmp_path / "banded").raw["image_percentiles"] == whole["image_percentiles"]
+
+
 def test_model_file_keeps_the_mode_and_prediction_applies_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = UNet(in_channels=1, num_classes=2, base_width=4, depth=2).eval()

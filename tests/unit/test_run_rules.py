@@ -21,13 +21,20 @@ DATA = {"root": "data/x", "tile": 32, "train_samples": 24, "val_samples": 8, "ch
 BASE = ["model.base_width=4", "model.depth=2", "data.shard.tile=32", "train.steps=100"]
 
 
-def _state(step: int = 50, *overrides: str, data: dict | None = None) -> dict:
+def _state(step: int = 50, *overrides: str, data: dict | None = None, world_size: int = 2) -> dict:
     cfg = load_config(None, [*BASE, *overrides])
-    return {"step": step, "fingerprint": current(cfg, data or DATA)}
+    return {"step": step, "fingerprint": current(cfg, data or DATA, world_size)}
 
 
 def test_same_settings_resume_and_other_process_counts_are_not_a_change() -> None:
-    check_resume(_state(), Path("ck.pt"), load_config(None, BASE + ["run.dir=elsewhere", "run.stop_at=60"]), DATA)
+    check_resume(_state(), Path("ck.pt"), load_config(None, BASE + ["run.dir=elsewhere", "run.stop_at=60"]), DATA, 2)
+    # the same global batch on another number of ranks continues the same run (elastic resume)
+    check_resume(_state(), Path("ck.pt"), load_config(None, BASE + ["data.batch_size=16"]), DATA, 1)
+
+
+def test_a_changed_global_batch_needs_force() -> None:
+    with pytest.raises(ConfigError, match=r"global batch \(data.batch_size x ranks\): 16 -> 8"):
+        check_resume(_state(), Path("ck.pt"), load_config(None, BASE), DATA, 1)
 
 
 def test_changed_model_is_refused_naming_the_keys_even_with_force() -> None:
@@ -35,14 +42,14 @@ def test_changed_model_is_refused_naming_the_keys_even_with_force() -> None:
         cfg = load_config(None, BASE + ["model.base_width=8", "model.norm=group", f"run.resume={resume}"])
         with pytest.raises(ConfigError, match=r"another model \(model.base_width: 4 -> 8; model.norm: 'batch' -> "
                                               r"'group'\)") as err:
-            check_resume(_state(), Path("ck.pt"), cfg, DATA)
+            check_resume(_state(), Path("ck.pt"), cfg, DATA, 2)
         assert "\n" not in str(err.value) and "new run.dir" in str(err.value)
 
 
 @pytest.mark.parametrize("change, data, named", [
     (["train.lr=0.01"], DATA, "train.lr: 0.001 -> 0.01"),
     (["train.steps=200"], DATA, "train.steps: 100 -> 200"),
-    (["data.batch_size=4"], DATA, "data.batch_size: 8 -> 4"),
+    (["data.batch_size=4"], DATA, "global batch (data.batch_size x ranks): 16 -> 8"),
     ([], {**DATA, "root": "data/y"}, "data.root"),
     ([], {**DATA, "tile": 64}, "dataset tile: 32 -> 64"),
     ([], {**DATA, "train_samples": 30}, "dataset train_samples: 24 -> 30"),
@@ -50,23 +57,23 @@ def test_changed_model_is_refused_naming_the_keys_even_with_force() -> None:
 def test_changed_data_or_schedule_needs_force(change: list[str], data: dict, named: str,
                                               caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match="run.resume=force") as err:
-        check_resume(_state(), Path("ck.pt"), load_config(None, BASE + change), data)
+        check_resume(_state(), Path("ck.pt"), load_config(None, BASE + change), data, 2)
     assert named in str(err.value)
-    check_resume(_state(), Path("ck.pt"), load_config(None, BASE + change + ["run.resume=force"]), data)
+    check_resume(_state(), Path("ck.pt"), load_config(None, BASE + change + ["run.resume=force"]), data, 2)
     assert named in caplog.text  # continuing says what changed
 
 
 def test_checkpoint_past_train_steps_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"at step 150, past train.steps=100"):
-        check_resume(_state(150), Path("ck.pt"), load_config(None, BASE + ["run.resume=force"]), DATA)
-    check_resume(_state(100), Path("ck.pt"), load_config(None, BASE), DATA)  # finished: reports again
+        check_resume(_state(150), Path("ck.pt"), load_config(None, BASE + ["run.resume=force"]), DATA, 2)
+    check_resume(_state(100), Path("ck.pt"), load_config(None, BASE), DATA, 2)  # finished: reports again
 
 
 def test_checkpoints_without_a_fingerprint_are_checked_from_their_saved_config() -> None:
-    old = {"step": 5, "config": to_dict(load_config(None, BASE)), "data": DATA}
-    assert fingerprint(old["config"], DATA) == current(load_config(None, BASE), DATA)
+    old = {"step": 5, "config": to_dict(load_config(None, BASE)), "data": DATA, "world_size": 2}
+    assert fingerprint(old["config"], DATA, 2) == current(load_config(None, BASE), DATA, 2)
     with pytest.raises(ConfigError, match="model.depth: 2 -> 3"):
-        check_resume(old, Path("ck.pt"), load_config(None, [*BASE, "model.depth=3"]), DATA)
+        check_resume(old, Path("ck.pt"), load_config(None, [*BASE, "model.depth=3"]), DATA, 2)
 
 
 @pytest.mark.slow

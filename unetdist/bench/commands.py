@@ -107,12 +107,19 @@ def _loader(args: argparse.Namespace) -> int:
     return run_loader_bench(args)
 
 
+def _shard(args: argparse.Namespace) -> int:
+    from unetdist.bench.shard import run_shard_bench
+
+    add_log_file(Path(args.out) / "bench-shard.log")
+    return run_shard_bench(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: ours vs the reference trainer, levers, DDP, MFU, memory headroom",
                        description="Without a subcommand: the same as `unetdist bench train`.")
     _train_arguments(p)
     p.set_defaults(func=_bench)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{train,smoke,loader}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{train,smoke,loader,shard}")
     train = bench_sub.add_parser("train", help="the training table (the default)")
     _train_arguments(train)
     train.set_defaults(func=_bench)
@@ -120,3 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(smoke)
     smoke.set_defaults(func=_smoke)
     _register_loader(bench_sub)
+    from unetdist.bench.shard import add_shard_arguments
+
+    shard = bench_sub.add_parser("shard", help="peak memory and megapixels/s of `unetdist shard` on whole-slide "
+                                               "OME-TIFFs (5k and 20k pixels square)")
+    add_shard_arguments(shard)
+    shard.set_defaults(func=_shard)

@@ -69,6 +69,9 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process, one core)")
     parser.add_argument("--baseline-format", choices=["png", "tif"], default="png", help="per-file image format")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    from unetdist.bench.loader_url import add_url_arguments
+
+    add_url_arguments(parser)
 
 
 class PerFileDataset:
@@ -149,19 +152,14 @@ def _make_dataset(root: Path, args: argparse.Namespace) -> None:
 
 
 def _ours(manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace, seed: int) -> Iterator[dict]:
-    from torch.utils.data import DataLoader
+    """The training loader, epoch after epoch, as `unetdist train` runs it on one rank."""
+    from unetdist.config import DataConfig, NormalizeConfig
+    from unetdist.data.stream import train_loader
 
-    from unetdist.data.normalize import Normalization
-    from unetdist.data.stream import Normalizer, TrainPlan, TrainStream
-
-    lanes = max(1, args.workers)
-    normalizer = Normalizer(Normalization("dataset", manifest.stats))  # what the per-file baseline does too
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples, normalizer=normalizer,
-                     batch_size=args.batch_size, shuffle_buffer=64, augment=augment,
-                     num_classes=manifest.num_classes, weights=manifest.weights, seed=seed, rank=0, epoch=0,
-                     lanes=lanes, total=(args.batches + 1) * lanes, start_batch=0)
-    return iter(DataLoader(TrainStream(plan), batch_size=None, num_workers=args.workers,
-                           prefetch_factor=2 if args.workers else None))
+    data = DataConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=64, augment=augment,
+                      normalize=NormalizeConfig(mode="dataset"))  # what the per-file baseline does too
+    for epoch in range(10**9):
+        yield from train_loader(data, manifest, rank=0, world_size=1, seed=seed, epoch=epoch)
 
 
 def _baseline(folder: Path, manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace,
@@ -203,6 +201,14 @@ def run_loader_bench(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     augment = replace(PRESETS[args.augment], crop=args.crop)
+    if getattr(args, "write_per_file", None) or getattr(args, "url", None):
+        from unetdist.bench.loader_url import run_url_bench, write_per_file_tiles
+
+        if args.write_per_file:
+            if not args.root:
+                raise SystemExit("--write-per-file needs --root (the local dataset whose tiles to write)")
+            return write_per_file_tiles(args.root, args.write_per_file)
+        return run_url_bench(args, augment)
     with tempfile.TemporaryDirectory(prefix="unetdist-bench-") as tmp:
         root = Path(args.root) if args.root else Path(tmp) / "shards"
         if not args.root:

@@ -28,7 +28,8 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
                        val_fraction=args.val_fraction, seed=args.seed, axes=args.axes, labels=args.label_type,
                        frame_block=args.frame_block, min_foreground=args.min_foreground, empty_keep=args.empty_keep,
                        weight_map=args.weight_map, w0=args.w0, sigma=args.sigma,
-                       class_balance=not args.no_class_balance, workers=args.workers)
+                       class_balance=not args.no_class_balance, workers=args.workers,
+                       region_pixels=args.region_pixels, skip_background=args.skip_background)
     check_shard(shard, lambda key: "--" + key.replace("_", "-"))
     return shard
 
@@ -81,7 +82,9 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="fraction of the source images (or frame blocks) held out for validation")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the train/val split and empty-tile rejection")
-    p.add_argument("--axes", default=d.axes, help="image axes over T, C, Y, X, e.g. TCYX or YXC (default: auto)")
+    p.add_argument("--axes", default=d.axes,
+                   help="the images' storage order over T, C, Z, Y, X, e.g. TZCYX or YXC (default: auto, from the "
+                        "OME/ImageJ/NGFF metadata); T and Z index 2-D frames")
     p.add_argument("--label-type", choices=["classes", "instances"], default=d.labels,
                    help="class masks, or instance ids converted to background/cell(/boundary) classes")
     p.add_argument("--frame-block", type=int, default=d.frame_block,
@@ -95,6 +98,11 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=d.sigma, help="weight map: width of the border term in pixels")
     p.add_argument("--no-class-balance", action="store_true", help="weight map without class balancing (w_c = 1)")
     p.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per core for large inputs)")
+    p.add_argument("--region-pixels", type=int, default=d.region_pixels,
+                   help="images are read and tiled in bands of about this many pixels (bounds memory per process)")
+    p.add_argument("--skip-background", choices=["off", "bright", "dark"], default=d.skip_background,
+                   help="drop training tiles that a low-resolution view shows as background, without reading them "
+                        "(bright: objects brighter than the background, fluorescence; dark: brightfield)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,11 @@
 """Making sure the configured dataset exists, generating the synthetic default or fetching a real one once.
 
-`unetdist train` on a fresh checkout must work with nothing prepared, and under torchrun every
+`unetdist train` on a fresh checkout must work with nothing prepared. But a typo in `data.root`
+must not quietly train on synthetic data: `data.generate` from a config file only generates into
+the shipped roots (`SHIPPED_ROOTS`); elsewhere it needs `data.generate=true` on the command line.
+A URL root is never generated into or fetched to; it must hold a dataset.
+
+Under torchrun every
 rank calls this at the same time. So the dataset is built in a temporary folder beside `root`
 and renamed into place (a rename is atomic on one filesystem), under an exclusive `flock` on
 `<root>.lock`: the first process builds it, the others wait on the lock and then find it complete.
@@ -19,24 +24,46 @@ from pathlib import Path
 from unetdist.config import DataConfig
 from unetdist.data.errors import DataError
 from unetdist.data.fetch import get_dataset, prepare
+from unetdist.data.remote import is_remote
 from unetdist.data.shards import write_shards
 from unetdist.data.synth import generate_dataset
 
 log = logging.getLogger(__name__)
 
+SHIPPED_ROOTS = ("data/synth-default", "data/synth-512")  # the roots of configs/default.yaml and gpu-8x.yaml
 
-def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> Path:
-    """Return `data.root` once it holds a complete dataset (manifest.json), building it if allowed."""
+
+def _no_dataset(root: str, why: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no dataset in {root} (manifest.json is missing{why}). Check data.root, or make one with "
+        f"`unetdist synth --out RAW` then `unetdist shard --images 'RAW/img_*.tif' --labels 'RAW/lbl_*.tif' "
+        f"--out {root}`, or pass data.generate=true on the command line to generate the synthetic default there, "
+        "or data.fetch=cellunet-nuclei to download real images")
+
+
+def may_generate(data: DataConfig) -> bool:
+    """data.generate applies: asked on the command line, or the root is one of the shipped ones."""
+    if not data.generate:
+        return False
+    shipped = {os.path.abspath(r) for r in SHIPPED_ROOTS}
+    return data.generate_asked or os.path.abspath(data.root) in shipped
+
+
+def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> Path | str:
+    """Return `data.root` once it holds a complete dataset (manifest.json), building it if allowed.
+
+    A URL root is returned as it is (its manifest is read, with retries, by `open_manifest`).
+    """
+    if is_remote(data.root):
+        return data.root
     root = Path(data.root)
     if (root / "manifest.json").is_file():
         return root
+    if data.generate and not may_generate(data):
+        raise _no_dataset(str(root), "; data.generate from a config file only generates into the shipped roots "
+                          f"{', '.join(SHIPPED_ROOTS)}")
     if not data.generate and not data.fetch:
-        raise FileNotFoundError(
-            f"no dataset in {root} (manifest.json is missing). Make one with `unetdist synth --out RAW` then "
-            f"`unetdist shard --images 'RAW/img_*.tif' --labels 'RAW/lbl_*.tif' --out {root}`, "
-            "or set data.generate=true to generate the synthetic default there, "
-            "or data.fetch=cellunet-nuclei to download real images"
-        )
+        raise _no_dataset(str(root), "")
     root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = root.parent / f"{root.name}.lock"
     with open(lock_path, "a") as lock:
@@ -51,7 +78,8 @@ def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> Path:
 def _build(data: DataConfig, num_classes: int | None, root: Path) -> None:
     """Generate and shard the synthetic dataset beside `root`, then rename it into place."""
     if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root} exists but holds no manifest.json; remove it or point data.root elsewhere")
+        raise DataError(f"{root} holds files but no manifest.json, so it is not a dataset and nothing is generated "
+                        "into it; point data.root at a dataset, or at a new folder to generate one there")
     if data.fetch:
         expected, what = get_dataset(data.fetch).num_classes, f"dataset {data.fetch}"
     else:

@@ -1,9 +1,8 @@
-"""Finding and reading the user's image/label files: globs or CSV/YAML lists, TIFF/PNG/.npy, axes, frames.
+"""Finding the user's image/label files (globs or CSV/YAML lists) and reading small ones whole.
 
-Microscopy arrives as folders of fields of view (one file each), multi-page TIFF stacks and
-time-lapses, with 8/12/16-bit pixels and one or more channels. Everything here turns such a file
-into frames of C x H x W pixels in the file's own dtype (never an 8-bit conversion), and a label
-file into one H x W class mask per frame, so that shard writing deals with one shape only.
+Shard writing reads images lazily, band by band, through `readers.open_image` and `regions`
+(frames x channels x H x W, any size); what remains here is finding the files and the whole-file
+helpers that evaluation and prediction use for small TIFF/PNG/.npy files.
 
 Axes: every image gets an axes string over T (frames: each one a separate 2-D image), C
 (channels), Y and X. With `axes="auto"`, TIFF files use the axes tifffile reads from their
@@ -269,32 +268,6 @@ def as_frames(array: np.ndarray, axes: str) -> np.ndarray:
         if letter not in axes:
             array, axes = array[None], letter + axes
     return array.transpose([axes.index(a) for a in "TCYX"])
-
-
-def frame_count(pair: Pair, setting: str) -> tuple[int, int, int, int, np.dtype]:
-    """(frames, channels, height, width, dtype) of a pair's image from its header."""
-    shape, dtype, tiff_axes = array_header(pair.image)
-    axes = image_axes(pair.image, shape, tiff_axes, setting)
-    sizes = dict(zip(axes, shape))
-    if dtype.kind not in "uif":
-        raise DataError(f"{pair.image}: image dtype {dtype} is not a number type")
-    return sizes.get("T", 1), sizes.get("C", 1), sizes["Y"], sizes["X"], dtype
-
-
-def read_image(path: Path, setting: str) -> np.ndarray:
-    """The image file as T x C x H x W in its own dtype."""
-    tiff_axes = None
-    if _check_suffix(path) in (".tif", ".tiff"):
-        try:
-            with tifffile.TiffFile(path) as tif:
-                array, tiff_axes = tif.series[0].asarray(), str(tif.series[0].axes)
-        except Exception as exc:
-            raise DataError(f"cannot read {path}: {exc}") from exc
-    else:
-        array = load_array(path)
-    if array.dtype.kind not in "uif":
-        raise DataError(f"{path}: image dtype {array.dtype} is not a number type")
-    return as_frames(array, image_axes(path, tuple(array.shape), tiff_axes, setting))
 
 
 def read_label(path: Path, frames: int, height: int, width: int, image_path: Path) -> np.ndarray:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
 from unetdist.config import DataConfig, NormalizeConfig
 from unetdist.data.errors import DataError
-from unetdist.data.normalize import IntensityStats, Normalization, grid_columns, normalize
+from unetdist.data.normalize import MODES, IntensityStats, Normalization, grid_columns, normalize
+from unetdist.data.remote import is_remote, read_bytes
 
-__all__ = ["FORMAT", "IntensityStats", "Manifest", "normalize", "open_manifest"]
+__all__ = ["FORMAT", "IntensityStats", "Manifest", "normalize", "open_manifest", "validate_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,14 @@ class Manifest:
                 "stats": self.stats.to_dict(), "normalization": norm.to_dict()}
 
 
-def _read_text(location: str) -> str:
-    if "://" in location:
-        with gopen(location, "rb") as stream:
-            return stream.read().decode()
+def _read_text(location: str, data: DataConfig | None) -> str:
+    if is_remote(location):
+        try:
+            return read_bytes(location, *((data.retries, data.retry_wait) if data else ())).decode()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise DataError(f"cannot read {location}: {exc}") from exc
     return Path(location).read_text()
 
 
@@ -140,6 +144,64 @@ def validate_manifest(raw: Any, location: str) -> None:
             _number(shard.get("samples"), location, f"{split}.shards[{i}].samples", integer=True)
     for i, value in enumerate(_member(raw["train"], "train.class_frequencies", location, list)):
         _number(value, location, f"train.class_frequencies[{i}]")
+    if raw.get("image_percentiles") is not None:  # older datasets have none (then only data.normalize.mode=dataset)
+        _validate_percentiles(raw, location, channels)
+    if raw.get("normalization") is not None:
+        _validate_normalization(raw, location)
+
+
+def _percentile_list(values: Any, location: str, key: str) -> list[float]:
+    """A list of percentiles in [0, 100], or a one-line error naming the key."""
+    if not isinstance(values, list) or not values:
+        raise _fail(location, key, f"must be a non-empty list, got {values!r}" if values is not None else "is missing")
+    for i, value in enumerate(values):
+        if _number(value, location, f"{key}[{i}]") > 100:
+            raise _fail(location, f"{key}[{i}]", f"must be a percentile in [0, 100], got {value!r}")
+    return values
+
+
+def _validate_percentiles(raw: dict[str, Any], location: str, channels: int) -> None:
+    """`image_percentiles`: the grid, and per input and frame, per channel one value per grid point."""
+    part = _member(raw, "image_percentiles", location)
+    grid = _percentile_list(part.get("percentiles"), location, "image_percentiles.percentiles")
+    if part.get("max_pixels") is not None:
+        _number(part["max_pixels"], location, "image_percentiles.max_pixels", integer=True, low=1)
+    images = _member(part, "image_percentiles.images", location, list)
+    inputs = raw.get("inputs")
+    if isinstance(inputs, list) and len(images) != len(inputs):
+        raise _fail(location, "image_percentiles.images", f"has {len(images)} entries for {len(inputs)} input(s)")
+    for i, frames in enumerate(images):
+        key = f"image_percentiles.images[{i}]"
+        if not isinstance(frames, list) or not frames:
+            raise _fail(location, key, f"must be a non-empty list of frames, got {frames!r}")
+        expected = inputs[i].get("frames") if isinstance(inputs, list) and isinstance(inputs[i], dict) else None
+        if isinstance(expected, int) and len(frames) != expected:
+            raise _fail(location, key, f"has {len(frames)} frame(s) for an input of {expected}")
+        for t, per_channel in enumerate(frames):
+            if not isinstance(per_channel, list) or len(per_channel) != channels:
+                raise _fail(location, f"{key}[{t}]", f"must hold {channels} channel(s) of percentiles, "
+                            f"got {per_channel!r}")
+            for c, values in enumerate(per_channel):
+                where = f"{key}[{t}][{c}]"
+                if not isinstance(values, list) or len(values) != len(grid):
+                    raise _fail(location, where, f"must hold {len(grid)} value(s) (one per percentile), got {values!r}")
+                for j, value in enumerate(values):
+                    _number(value, location, f"{where}[{j}]", low=-float("inf"))
+
+
+def _validate_normalization(raw: dict[str, Any], location: str) -> None:
+    """`normalization` (when present): a known mode; for ``percentile`` a (low, high) pair and max_pixels."""
+    part = _member(raw, "normalization", location)
+    mode = part.get("mode")
+    if mode not in MODES:
+        raise _fail(location, "normalization.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "percentile":
+        if part.get("percentiles") is not None:
+            pair = _percentile_list(part["percentiles"], location, "normalization.percentiles")
+            if len(pair) != 2 or not pair[0] < pair[1]:
+                raise _fail(location, "normalization.percentiles", f"must be [low, high] with low < high, got {pair!r}")
+        if part.get("max_pixels") is not None:
+            _number(part["max_pixels"], location, "normalization.max_pixels", integer=True, low=1)
 
 
 def _join(root: str, name: str) -> str:
@@ -171,7 +233,7 @@ def open_manifest(root: str | Path, data: DataConfig | None = None) -> Manifest:
     root = str(root)
     location = _join(root, "manifest.json")
     try:
-        raw = json.loads(_read_text(location))
+        raw = json.loads(_read_text(location, data))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no dataset in {root}: {location} is missing (make one with `unetdist synth` + "
                                 "`unetdist shard`, or set data.generate=true)") from exc

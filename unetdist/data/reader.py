@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from webdataset.gopen import gopen
+from unetdist.data.remote import open_url
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,11 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{key}" if folder else key), suffix.lower()
 
 
-def shard_samples(url: str, on_error: ErrorCallback | None = None,
-                  expected: int | None = None) -> Iterator[dict[str, Any]]:
+def shard_samples(url: str, on_error: ErrorCallback | None = None, expected: int | None = None,
+                  open_stream: Callable[[str], Any] = open_url) -> Iterator[dict[str, Any]]:
     """Raw samples (undecoded bytes per member) of one shard, in tar order; any WebDataset URL.
+
+    http(s)/s3/gs URLs are read by `unetdist.data.remote`, which retries and resumes at the same byte.
 
     Without `on_error`, a broken shard raises. With it, the error is reported once and the shard
     ends there (a tar stream cannot be re-synchronised); the sample being read is dropped. A tar
@@ -52,7 +54,7 @@ def shard_samples(url: str, on_error: ErrorCallback | None = None,
     current: dict[str, Any] | None = None
     count = 0
     try:
-        stream = gopen(url, "rb")
+        stream = open_stream(url)
         with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUFFER) as tar:
             for info in tar:
                 parts = _split_name(info.name) if info.isreg() else None

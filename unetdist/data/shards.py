@@ -5,19 +5,20 @@ Shards hold raw tiles, not decoded images, so 8/12/16-bit data stays bit-exact: 
 maps `<key>.wgt.npy` (T x T float16), and `<key>.json` (source, source_index, frame for stacks,
 y, x, valid_h, valid_w, tile, split, foreground fraction, the CRC-32 of every member so a reader
 can tell a damaged sample from a good one). The manifest's `image_percentiles.images[i][t]` holds,
-per channel, the percentiles (at `normalize.PERCENTILE_GRID`) of the whole frame t of input i, so
-training normalises a tile as prediction will normalise the whole image.
+per channel, the percentiles (at `normalize.PERCENTILE_GRID`) of the whole frame t of input i
+(measured in the first pass through a lazy view of the frame, never per band), so training
+normalises a tile as prediction will normalise the whole image.
 
-Order of work: a first pass reads every label file and image header and checks them (shapes,
-frames, channels, dtypes, label values), so bad input stops with an error naming the file before
-any shard is written; a second pass tiles the frames, in worker processes when the input is
-large (`samples.frame_samples`), and the main process writes the results in a fixed order, so
-the shards are byte-identical whatever the number of processes. The split into train and
-validation is by source image, or for stacks by blocks of `frame_block` consecutive frames, or
-as an input list says, so no frame contributes tiles to both. Everything is built in a temporary
-folder inside the output folder and swapped in only when complete (renames only; the old
-manifest goes first and the new one last), so an error never costs the dataset already there and
-an interrupted run never leaves a folder that looks like a complete dataset.
+Order of work: a first pass reads every label file and image header and checks them (shapes, frames,
+channels, dtypes, label values), so bad input stops with an error naming the file before any shard
+is written; a second pass tiles the frames band by band (`data.shard.region_pixels`), in worker
+processes when the input is large (`samples.frame_samples`), and the main process writes the results
+in a fixed order, so the shards are byte-identical whatever the number of processes. The split into
+train and validation is by source image, or for stacks by blocks of `frame_block` consecutive
+frames, or as an input list says, so no frame contributes tiles to both. Everything is built in a
+temporary folder inside the output folder and swapped in only when complete (renames only; the old
+manifest goes first and the new one last), so an error never costs the dataset already there and an
+interrupted run never leaves a folder that looks like a complete dataset.
 
 Empty tiles: training tiles whose foreground fraction (of the part inside the image) is below
 `min_foreground` are kept with probability `empty_keep` (seeded per tile): 0 rejects them, 0.25
@@ -26,6 +27,7 @@ down-weights them 4x in the sampling. Validation keeps every tile, so its metric
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -42,13 +44,15 @@ import numpy as np
 
 from unetdist.config import ShardConfig, check_shard
 from unetdist.data.errors import DataError
+from unetdist.data import regions
 from unetdist.data.inputs import Pair, as_pairs, load_array, read_pairs
 from unetdist.data.labels import class_weights
 from unetdist.data.manifest import FORMAT
 from unetdist.data.normalize import MAX_PIXELS, PERCENTILE_GRID
-from unetdist.data.samples import FrameResult, FrameTask, PairSurvey, frame_samples, survey_pair
+from unetdist.data.samples import FrameResult, FrameTask, PairSurvey, frame_bands, frame_samples, survey_pair
 from unetdist.data.sink import ShardSink, fsync
 from unetdist.data.stats import PERCENTILES, IntensityAccumulator
+from unetdist.data.tiling import tile_starts
 
 __all__ = ["FORMAT", "PERCENTILES", "DataError", "IntensityAccumulator", "as_chw", "load_array", "read_pairs",
            "split_sources", "write_shards"]
@@ -125,18 +129,37 @@ def _warn_small(pairs: list[Pair], surveys: list[PairSurvey], tile: int) -> None
 
 def _tasks(split: str, units: list[Unit], pairs: list[Pair], surveys: list[PairSurvey], shard: ShardConfig,
            out_dir: Path) -> list[FrameTask]:
+    """One task per band of tile rows of every frame (bands bound the memory of a large frame)."""
     tasks = []
     for index, frames in units:
         survey = surveys[index]
+        columns = len(tile_starts(survey.width, shard.tile, shard.overlap))
+        frame_bands_ = frame_bands(survey.height, survey.width, shard)
         for t in frames:
-            keep = None
-            if split == "train" and shard.min_foreground > 0:
-                fg = survey.foreground[t]
-                draws = np.random.default_rng(np.random.SeedSequence([shard.seed, index, t, 0xE5])).random(fg.size)
-                keep = tuple(bool(k) for k in (fg >= shard.min_foreground) | (draws < shard.empty_keep))
-            tasks.append(FrameTask(index=index, pair=pairs[index], frame=t, frames=survey.frames, split=split,
-                                   source=_source_name(pairs[index].image, out_dir), keep=keep))
+            keep_all = _train_keep(survey, index, t, shard) if split == "train" else None
+            first = 0
+            for number, band in enumerate(frame_bands_):
+                count = len(band.starts) * columns
+                keep = None if keep_all is None else keep_all[first : first + count]
+                background = survey.background is not None and split == "train" and bool(
+                    survey.background[t][first : first + count].all())
+                first += count
+                tasks.append(FrameTask(index=index, pair=pairs[index], frame=t, frames=survey.frames, split=split,
+                                       source=_source_name(pairs[index].image, out_dir), keep=keep, band=number,
+                                       background=background))
     return tasks
+
+
+def _train_keep(survey: PairSurvey, index: int, frame: int, shard: ShardConfig) -> tuple[bool, ...] | None:
+    """Per tile of a training frame: kept unless empty (by labels, then seeded draws) or background."""
+    keep = None
+    if shard.min_foreground > 0:
+        fg = survey.foreground[frame]
+        draws = np.random.default_rng(np.random.SeedSequence([shard.seed, index, frame, 0xE5])).random(fg.size)
+        keep = (fg >= shard.min_foreground) | (draws < shard.empty_keep)
+    if survey.background is not None:
+        keep = ~survey.background[frame] if keep is None else keep & ~survey.background[frame]
+    return None if keep is None else tuple(bool(k) for k in keep)
 
 
 def _source_name(path: Path, out_dir: Path) -> str:
@@ -156,18 +179,38 @@ def _mapper(workers: int) -> Iterator[Callable[[Iterable[tuple]], Iterator[Any]]
     """An ordered map over jobs (function, *args): in-process, or a pool of `workers` processes.
 
     Forked where the platform can (as torch's DataLoader does: no re-imports, fast start; the
-    workers only run numpy/scipy code), spawned elsewhere.
+    workers only run numpy/scipy code), spawned elsewhere. At most two jobs per worker are in
+    flight (`Pool.imap` would run ahead and queue every band's tiles in memory when writing is slower).
     """
     if workers <= 1:
         yield lambda jobs: map(_call, jobs)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers)
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=regions.close_all)
+
+    def bounded(jobs: Iterable[tuple]) -> Iterator[Any]:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_call, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
     try:
-        yield lambda jobs: pool.imap(_call, jobs)
+        yield bounded
     finally:
         pool.terminate()
         pool.join()
+
+
+@contextlib.contextmanager
+def _closing_images() -> Iterator[None]:
+    """Close the image files kept open while sharding, however it ends."""
+    try:
+        yield
+    finally:
+        regions.close_all()
 
 
 def _workers(shard: ShardConfig, pairs: list[Pair]) -> int:
@@ -206,7 +249,7 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
     if not 2 <= num_classes <= 256:
         raise DataError(f"num_classes must be in [2, 256] (labels are stored as uint8), got {num_classes}")
     out_dir = Path(out_dir)
-    with _mapper(_workers(shard, pairs)) as mapper:
+    with _mapper(_workers(shard, pairs)) as mapper, _closing_images():
         surveys = list(mapper((survey_pair, p, shard, num_classes) for p in pairs))
         _check_layout(pairs, surveys)
         _warn_small(pairs, surveys, shard.tile)
@@ -238,7 +281,10 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
 def _manifest(shard: ShardConfig, num_classes: int, surveys: list[PairSurvey], pairs: list[Pair],
               splits: dict[str, Any], weights: np.ndarray | None, dataset: dict[str, Any] | None) -> dict[str, Any]:
     splits = dict(splits)
-    stats, percentiles = splits.pop("stats"), splits.pop("image_percentiles")
+    stats = splits.pop("stats")
+    # [input][frame]: C x len(grid), of whole frames (measured by survey_pair, never per band)
+    percentiles = {"percentiles": list(PERCENTILE_GRID), "max_pixels": MAX_PIXELS,
+                   "images": [s.percentiles for s in surveys]}
     return {
         "format": FORMAT, "tile": shard.tile, "overlap": shard.overlap, "channels": surveys[0].channels,
         "dtype": surveys[0].dtype, "num_classes": num_classes, "val_fraction": shard.val_fraction,
@@ -252,7 +298,9 @@ def _manifest(shard: ShardConfig, num_classes: int, surveys: list[PairSurvey], p
         "checksum": "crc32",
         "image_percentiles": percentiles,
         "inputs": [{"image": str(p.image), "label": str(p.label), "frames": s.frames, "channels": s.channels,
-                    "height": s.height, "width": s.width} for p, s in zip(pairs, surveys)],
+                    "height": s.height, "width": s.width, "axes": s.axes,
+                    "pixel_size": {a: list(v) for a, v in s.pixel_size.items()}} for p, s in zip(pairs, surveys)],
+        "pixel_size": _common_pixel_size(surveys),
         "dataset": dataset or {},
     }
 
@@ -265,33 +313,42 @@ def _check_output(manifest: dict[str, Any], pairs: list[Pair], surveys: list[Pai
                         "--min-foreground or raise --empty-keep")
 
 
+def _common_pixel_size(surveys: list[PairSurvey]) -> dict[str, list] | None:
+    """The images' physical pixel size when all agree (what a model trained on them expects), else None."""
+    sizes = [{a: list(v) for a, v in s.pixel_size.items()} for s in surveys]
+    return sizes[0] if sizes[0] and all(size == sizes[0] for size in sizes) else None
+
+
 def _progress(results: Iterable[FrameResult], total: int, show: bool) -> Iterable[FrameResult]:
     from unetdist.data.progress import track
 
-    return track(results, total, "shard", "frame", enabled=show)
+    return track(results, total, "shard", "band", enabled=show)
+
+
+def _band_tiles(task: FrameTask, survey: PairSurvey, shard: ShardConfig) -> int:
+    band = frame_bands(survey.height, survey.width, shard)[task.band]
+    return len(band.starts) * len(tile_starts(survey.width, shard.tile, shard.overlap))
 
 
 def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTask]], build: Path,
                   shard: ShardConfig, units: dict[str, list[Unit]], pairs: list[Pair],
                   surveys: list[PairSurvey], out_dir: Path) -> dict[str, Any]:
-    """Consume the frame results in task order into one sink per split in `build`; delete them on failure.
+    """Consume the band results in task order into one sink per split in `build`; delete them on failure.
 
     Source names are relative to `out_dir`, the dataset's final folder.
     """
-    expected = {s: sum(sum(t.keep) if t.keep is not None else len(surveys[t.index].foreground[t.frame])
+    expected = {s: sum(sum(t.keep) if t.keep is not None else _band_tiles(t, surveys[t.index], shard)
                        for t in tasks[s]) for s in tasks}
     sinks = {s: ShardSink(build, s, shard.shard_bytes,
                           math.ceil(expected[s] / shard.min_shards) if shard.min_shards > 1 else None) for s in tasks}
     stats = IntensityAccumulator(shard.seed)
-    percentiles: list[list[Any]] = [[None] * s.frames for s in surveys]  # [input][frame]: C x len(grid)
     pixels = {s: np.zeros(surveys[0].class_pixels.shape[1], np.int64) for s in tasks}
     order = [(s, t) for s in ("train", "val") for t in tasks[s]]
     try:
         for (split, task), result in zip(order, results, strict=True):
-            if split == "train":
+            if split == "train" and result.summary is not None:
                 stats.add_summary(result.summary)
             pixels[split] += result.class_pixels
-            percentiles[task.index][task.frame] = result.percentiles
             for key, members in result.samples:
                 sinks[split].add(key, members)
         for sink in sinks.values():
@@ -300,15 +357,14 @@ def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTas
         for sink in sinks.values():
             sink.abort()
         raise
-    out: dict[str, Any] = {"stats": stats.result(), "image_percentiles": {
-        "percentiles": list(PERCENTILE_GRID), "max_pixels": MAX_PIXELS, "images": percentiles}}
+    out: dict[str, Any] = {"stats": stats.result()}
     for split, sink in sinks.items():
         total = int(pixels[split].sum())
         sources = sorted({_source_name(pairs[i].image, out_dir) for i, _ in units[split]})
         out[split] = {
             "shards": sink.shards, "samples": sum(s["samples"] for s in sink.shards), "sources": sources,
             "units": [{"source_index": i, "frames": [r.start, r.stop]} for i, r in units[split]],
-            "rejected_empty": sum(len(surveys[t.index].foreground[t.frame]) for t in tasks[split]) - expected[split],
+            "rejected_empty": sum(_band_tiles(t, surveys[t.index], shard) for t in tasks[split]) - expected[split],
             "class_pixels": pixels[split].tolist(),
             "class_frequencies": (pixels[split] / max(total, 1)).tolist(),
         }

@@ -4,37 +4,38 @@ Training must give every rank exactly the same number of batches whatever the sh
 DDP hangs; validation must see every tile exactly once. Neither needs torch.distributed: rank and
 world size are arguments, so the loaders can be tested (and reasoned about) in one process.
 
-Training, per rank: the epoch's `batches_per_epoch` batches are dealt round-robin to "lanes"
-(one per DataLoader worker), batch b to lane b % lanes, because that is the order in which a
-DataLoader collects its workers' batches. Each lane is an endless stream of shards resampled with
-replacement (the first one entered at a random sample, so that short epochs still reach the
-end of every shard), then a sample shuffle buffer, then decoding (with integrity checks), augmentation
-seeded by the sample's position in the lane, normalisation (`data/normalize.py`: by default with the
-percentiles of the tile's whole source frame, from the manifest) and batching (written in place into the
-batch arrays); every random choice is seeded from (seed, rank, lane, epoch). Resuming at batch k hands worker w the lane of batch k + w and skips
-that lane's earlier samples raw (before decoding), so the batches after k are exactly those of an
-unbroken epoch. The data order depends on `data.workers`: resuming with a different worker count
-gives a different (still valid) stream.
+Training: the epoch's sample order comes from `unetdist.data.order` and depends only on (seed,
+epoch), the global batch G = data.batch_size x world size, and data.partitions: global batch b
+holds the same samples, augmented the same way (seeded by the sample's partition and position),
+for any world size and any data.workers. Every train tile comes once per epoch (the last batch is
+filled up with the epoch's first samples). Each rank reads only the partitions of its slots, their
+shards sequentially, holding one shuffle block of raw samples per partition. DataLoader worker w
+builds the rank's batches start + w, start + w + workers, ... (the order in which a DataLoader
+collects them), reading past the other workers' samples raw; resuming at batch k reads raw
+samples up to it and decodes only what it yields. Each sample is normalised (`data/normalize.py`:
+by default with the percentiles of the tile's whole source frame, from the manifest) before the
+intensity augmentation, in training and validation alike.
 
 Validation, per rank: (rank, worker) slots share the shards: with at least as many shards as
 slots, slot s reads shards s, s + slots, ...; with fewer, the slots mapped to one shard take
 every k-th sample of it. Ranks may get different counts; the trainer only all-reduces after its loop.
 
-Damaged data: a truncated or unreadable shard ends early and a damaged sample is skipped, each with
-a warning; every batch carries `skipped`, the number of such events in its worker since that
-worker's previous batch, so the trainer can sum and log them. (With damaged data a resumed epoch
-is still valid but no longer sample-identical to the unbroken one: the resume skip counts raw samples.)
+Damaged or unreachable data: a truncated, unreadable or unreachable shard (after the retries of
+`unetdist.data.remote`) ends early with a warning, and its missing samples, like a damaged sample,
+are replaced in their batch by another sample of the same batch (differently augmented), so batches
+stay full and in step across ranks. Every batch carries `skipped`, the replaced samples of this
+batch (so the sum over ranks and workers counts each once), and `retries`, the HTTP retries of its
+worker since its previous batch. Training fails when more than half of the samples read are bad.
 Batches: {"image": float32 [B, C, T, T], "label": int64 [B, T, T], "weight": float32 [B, T, T]
-(when the shards hold weight maps), "key": list of B sample keys, "skipped": int64 scalar}.
+(when the shards hold weight maps), "key": list of B sample keys, "skipped": int64 scalar,
+"retries": int64 scalar}.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
-import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,52 +43,31 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import shuffle
 
 from unetdist.config import AugmentConfig, DataConfig
 from unetdist.data.augment import as_augment_config, augment_code, intensity, sample_rng, spatial
 from unetdist.data.errors import DataError
 from unetdist.data.manifest import IntensityStats, Manifest, open_manifest
 from unetdist.data.normalize import Normalization, grid_bounds, grid_columns, normalize
+from unetdist.data.order import EpochOrder, auto_partitions, check_layout, epoch_order, rank_slots
 from unetdist.data.reader import BadSample, ErrorCallback, SkipLog, decode, shard_samples
+from unetdist.data.remote import ShardOpener, retries_so_far
 
 __all__ = ["IntensityStats", "Manifest", "batches_per_epoch", "normalize", "open_manifest", "train_loader",
            "val_loader", "val_assignment"]
 
 
 def batches_per_epoch(data: DataConfig, manifest: Manifest, world_size: int) -> int:
-    """Batches each rank yields per epoch: enough for every train tile once on average, at least 1."""
-    return max(1, math.ceil(manifest.train_samples / (data.batch_size * world_size)))
+    """Global batches per epoch: every train tile once, the last batch filled up; at least 1."""
+    return max(1, -(-manifest.train_samples // (data.batch_size * world_size)))
 
 
-def _seed(*parts: int) -> int:
-    """A 64-bit seed mixing all parts (SeedSequence avoids the correlations of seed + rank arithmetic)."""
-    return int(np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(1, np.uint64)[0])
-
-
-def _resampled(urls: list[str], counts: list[int] | None, rng: random.Random,
-               on_error: ErrorCallback) -> Iterator[dict[str, Any]]:
-    """Samples of shards drawn with replacement, forever; fails if the shards hold no samples.
-
-    A lane restarts every epoch and may use less than one shard per epoch, so its first shard is
-    read from a random sample on (wrapping around): otherwise the tail of every shard would never
-    be trained on. Skipped samples are raw bytes only. Without per-shard counts it starts at 0.
-    """
-    dry, first = 0, True
-    while True:
-        index = rng.randrange(len(urls))
-        expected = counts[index] if counts else None
-        start = rng.randrange(expected) if first and expected else 0
-        first = False
-        rotated = itertools.chain(itertools.islice(shard_samples(urls[index], on_error, expected), start, None),
-                                  itertools.islice(shard_samples(urls[index], on_error), start))
-        found = False
-        for sample in rotated:
-            found = True
-            yield sample
-        dry = 0 if found else dry + 1
-        if dry > 3 * len(urls) + 10:
-            raise DataError(f"the training shards hold no readable samples (e.g. {urls[0]})")
+def partitions_for(data: DataConfig, manifest: Manifest, world_size: int) -> int:
+    """data.partitions, or (0) the largest divisor of the global batch up to the number of train shards."""
+    global_batch = data.batch_size * world_size
+    if data.partitions > 0:
+        return data.partitions
+    return auto_partitions(global_batch, len(manifest.train_shards))
 
 
 def _decode(sample: dict[str, Any], num_classes: int, weights: bool) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -176,9 +156,9 @@ class BatchBuffer:
         return batch
 
 
-def _worker() -> int:
+def _worker() -> tuple[int, int]:
     info = get_worker_info()
-    return 0 if info is None else info.id
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 @dataclass(frozen=True)
@@ -186,81 +166,167 @@ class TrainPlan:
     """Everything one rank's training stream depends on (picklable, for DataLoader workers)."""
 
     urls: list[str]
-    counts: list[int] | None  # samples per shard, when known
+    counts: list[int]  # samples per shard
     normalizer: Normalizer
-    batch_size: int
+    batch_size: int  # per rank
+    world_size: int
+    rank: int
+    partitions: int
     shuffle_buffer: int
     augment: AugmentConfig
     num_classes: int
+    shape: tuple[int, ...]  # C, T, T of every stored image tile
     weights: bool  # the shards hold weight maps
     seed: int
-    rank: int
     epoch: int
-    lanes: int
-    total: int  # batches per epoch
     start_batch: int
+    opener: ShardOpener
+
+    def order(self) -> EpochOrder:
+        return epoch_order(self.counts, seed=self.seed, epoch=self.epoch, partitions=self.partitions,
+                           global_batch=self.batch_size * self.world_size, shuffle_buffer=self.shuffle_buffer)
 
 
-def lane_batches(plan: TrainPlan, lane: int, skip: int, count: int) -> Iterator[dict[str, Any]]:
-    """Batches `skip` .. `skip + count` of one lane's stream for this epoch."""
-    if count <= 0:
-        return
-    skips = SkipLog("training")
-    shard_rng = random.Random(_seed(plan.seed, plan.rank, lane, plan.epoch, 1))
-    raw: Iterator[dict[str, Any]] = _resampled(plan.urls, plan.counts, shard_rng, skips)
-    if plan.shuffle_buffer > 1:
-        rng = random.Random(_seed(plan.seed, plan.rank, lane, plan.epoch, 2))
-        raw = shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=rng)(raw)
-    batch = BatchBuffer(plan.batch_size, plan.normalizer.norm)
-    bad_run, give_up = 0, max(1000, 3 * sum(plan.counts)) if plan.counts else 10000
-    for position, sample in itertools.islice(enumerate(raw), skip * plan.batch_size, None):
+class PartitionReader:
+    """Output positions of one partition, asked for in increasing order; one block of raw samples held."""
+
+    def __init__(self, order: EpochOrder, partition: int, plan: TrainPlan, on_error: ErrorCallback) -> None:
+        self.order, self.partition, self.plan, self.on_error = order, partition, plan, on_error
+        self.block = -1
+        self.items: list[dict[str, Any] | None] = []
+        self.perm = np.zeros(0, np.int64)
+        self.stream: Iterator[dict[str, Any]] | None = None
+        self.at: tuple[int, int] = (-1, -1)  # (shard, offset) the open stream yields next
+
+    def get(self, position: int) -> dict[str, Any] | None:
+        """The raw sample at an output position; None where its shard broke off or could not be read."""
+        block, within = divmod(position, self.order.block)
+        if block != self.block:
+            start = block * self.order.block
+            self.items = list(self._raw(start, min(start + self.order.block, self.order.span)))
+            self.perm, self.block = self.order.block_permutation(self.partition, block), block
+        return self.items[int(self.perm[within])]
+
+    def _raw(self, start: int, stop: int) -> Iterator[dict[str, Any] | None]:
+        position = start
+        for shard, offset, count in list(self.order.segments(self.partition, start, stop)):
+            if self.at != (shard, offset):
+                self._open(shard, offset, position)
+            assert self.stream is not None
+            for _ in range(count):
+                yield next(self.stream, None)
+            self.at, position = (shard, offset + count), position + count
+
+    def _open(self, shard: int, offset: int, position: int) -> None:
+        """Open a shard (through the node cache when there is one) and pass over `offset` raw samples.
+
+        The partition's next shards start downloading into the node cache meanwhile.
+        """
+        self.close()
+        url = self.plan.opener.local(self.plan.urls[shard], self.on_error)
+        upcoming = itertools.islice(self.order.segments(self.partition, position, self.order.span), 1,
+                                    1 + self.plan.opener.prefetch_count)
+        self.plan.opener.prefetch([self.plan.urls[s] for s, _, _ in upcoming])
+        self.stream = (shard_samples(url, self.on_error, self.order.counts[shard], self.plan.opener.open)
+                       if url else iter(()))
+        for _ in range(offset):  # raw bytes only, never decoded
+            if next(self.stream, None) is None:
+                break
+
+    def close(self) -> None:
+        if self.stream is not None and hasattr(self.stream, "close"):
+            self.stream.close()  # type: ignore[union-attr]
+        self.stream = None
+
+
+class RankBatches:
+    """One DataLoader worker's batches of one rank: decode, replace bad samples, augment, assemble."""
+
+    def __init__(self, plan: TrainPlan) -> None:
+        self.plan, self.order = plan, plan.order()
+        self.shard_errors = SkipLog("training")
+        self.readers: dict[int, PartitionReader] = {}
+        self.seen = self.bad = 0
+        self.spare: Item | None = None  # a good sample of an earlier batch, for a batch with none
+        self.retries = retries_so_far()
+
+    def batches(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
         try:
-            image, label, weight = _decode(sample, plan.num_classes, plan.weights)  # skipped samples: never decoded
-            bounds = plan.normalizer.bounds(sample)
-            _add_augmented(batch, plan, lane, position, sample["__key__"], image, label, weight, bounds)
+            for index in indices:
+                yield self.batch(index)
+        finally:
+            for reader in self.readers.values():
+                reader.close()
+
+    def batch(self, index: int) -> dict[str, Any]:
+        p = self.plan
+        places = [self.order.slot(index, s) for s in rank_slots(p.batch_size * p.world_size, p.world_size, p.rank)]
+        items = [self._item(part, pos) for part, pos in places]
+        good = [item for item in items if item is not None]
+        self.seen, self.bad = self.seen + len(items), self.bad + len(items) - len(good)
+        if self.bad * 2 > self.seen and self.seen >= 2 * p.batch_size:
+            raise DataError(f"{self.bad} of the {self.seen} training samples read so far are damaged or "
+                            "unreachable; most of the training data is gone (see the warnings above)")
+        if not good and self.spare is None:
+            raise DataError(f"all {len(items)} samples of the first training batch of this reader are damaged or "
+                            "unreachable (see the warnings above); the training shards look unusable")
+        skipped = len(items) - len(good)
+        good = good or [self.spare]  # type: ignore[list-item]
+        self.spare = good[-1]
+        batch = BatchBuffer(p.batch_size, p.normalizer.norm)
+        for n, ((part, pos), item) in enumerate(zip(places, items)):
+            key, image, label, weight, bounds = item if item is not None else good[n % len(good)]
+            _add_augmented(batch, p, part, pos, key, image, label, weight, bounds)
+        retries = retries_so_far()
+        out = batch.tensors(skipped)
+        out["retries"], self.retries = torch.tensor(retries - self.retries, dtype=torch.int64), retries
+        return out
+
+    def _item(self, partition: int, position: int) -> Item | None:
+        reader = self.readers.get(partition)
+        if reader is None:
+            reader = self.readers[partition] = PartitionReader(self.order, partition, self.plan, self.shard_errors)
+        sample = reader.get(position)
+        if sample is None:
+            return None
+        try:
+            image, label, weight = _decode(sample, self.plan.num_classes, self.plan.weights)
+            if image.shape != self.plan.shape:
+                raise BadSample(f"sample {sample['__key__']}: image {image.shape} is not the dataset's {self.plan.shape}")
+            bounds = self.plan.normalizer.bounds(sample)  # the percentiles of the tile's whole source frame
         except BadSample as exc:
-            skips(str(sample.get("__url__")), str(exc))
-            bad_run += 1
-            if bad_run >= give_up:
-                raise DataError(f"{bad_run} training samples in a row were damaged (e.g. {exc}); "
-                                "the training shards look unusable") from exc
-            continue
-        bad_run = 0
-        if len(batch) == plan.batch_size:
-            yield batch.tensors(skips.take())
-            batch = BatchBuffer(plan.batch_size, plan.normalizer.norm)
-            count -= 1
-            if count == 0:
-                return
+            self.shard_errors(str(sample.get("__url__")), str(exc))
+            return None
+        return sample["__key__"], image, label, weight, bounds
 
 
-def _add_augmented(batch: BatchBuffer, plan: TrainPlan, lane: int, position: int, key: str, image: np.ndarray,
-                   label: np.ndarray, weight: np.ndarray | None, bounds: np.ndarray | None) -> None:
-    """Geometry on the raw tile, normalisation, then intensity changes; all seeded by the position."""
+def _add_augmented(batch: BatchBuffer, plan: TrainPlan, partition: int, position: int, key: str,
+                   image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
+                   bounds: np.ndarray | None) -> None:
+    """Geometry on the raw tile, normalisation, then intensity changes; all seeded by the sample's place."""
     aug = plan.augment
     if not aug.enabled:
         batch.add(key, image, label, weight, bounds)
         return
-    rng = sample_rng(plan.seed, plan.rank, lane, plan.epoch, position)
-    code = augment_code(plan.seed, plan.rank, lane, plan.epoch, position)
+    rng = sample_rng(plan.seed, 0, partition, plan.epoch, position)
+    code = augment_code(plan.seed, 0, partition, plan.epoch, position)
     image, label, weight = spatial(rng, aug, code, image, label, weight, copy=False)
     batch.add(key, image, label, weight, bounds, post=lambda out: intensity(rng, aug, out))
 
 
 class TrainStream(IterableDataset):
-    """One rank's epoch; each DataLoader worker produces the lane its round-robin turn needs."""
+    """One rank's epoch; DataLoader worker w builds batches start + w, start + w + workers, ..."""
 
     def __init__(self, plan: TrainPlan) -> None:
         self.plan = plan
 
     def __len__(self) -> int:
-        return self.plan.total - self.plan.start_batch
+        return self.plan.order().steps - self.plan.start_batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        p = self.plan
-        lane = (p.start_batch + _worker()) % p.lanes
-        skip = len(range(lane, p.start_batch, p.lanes))  # this lane's batches before start_batch
-        return lane_batches(p, lane, skip, len(range(lane, p.total, p.lanes)) - skip)
+        worker, workers = _worker()
+        indices = range(self.plan.start_batch + worker, self.plan.order().steps, workers)
+        return RankBatches(self.plan).batches(indices)
 
 
 def val_assignment(shards: int, slots: int, slot: int) -> list[tuple[int, int, int]]:
@@ -275,7 +341,8 @@ class ValStream(IterableDataset):
     """One rank's share of the validation tiles, in a fixed order, without augmentation."""
 
     def __init__(self, manifest: Manifest, normalizer: Normalizer, batch_size: int, rank: int, world_size: int,
-                 lanes: int) -> None:
+                 lanes: int, opener: ShardOpener) -> None:
+        self.opener = opener
         self.urls, self.counts, self.normalizer = list(manifest.val_shards), manifest.val_shard_samples, normalizer
         self.num_classes, self.weights, self.batch_size = manifest.num_classes, manifest.weights, batch_size
         self.rank, self.world_size, self.lanes = rank, world_size, lanes
@@ -298,11 +365,13 @@ class ValStream(IterableDataset):
             yield last.tensors(skips.take())
 
     def _items(self, skips: SkipLog) -> Iterator[Item]:
-        slot = self.rank * self.lanes + _worker()
+        slot = self.rank * self.lanes + _worker()[0]
         for shard, modulus, remainder in val_assignment(len(self.urls), self.world_size * self.lanes, slot):
             expected = self.counts[shard] if self.counts else None
             report: ErrorCallback = skips if remainder == 0 else _ignore  # a shard's readers report it once
-            for index, sample in enumerate(shard_samples(self.urls[shard], report, expected)):
+            url = self.opener.local(self.urls[shard], report)
+            samples = shard_samples(url, report, expected, self.opener.open) if url else iter(())
+            for index, sample in enumerate(samples):
                 if index % modulus != remainder:
                     continue
                 try:
@@ -343,7 +412,9 @@ def train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size:
                  start_batch: int = 0, pin_memory: bool = False) -> Iterable[dict[str, Any]]:
     """Exactly `batches_per_epoch(...) - start_batch` training batches for this rank.
 
-    Batches are described in the module docstring (crops of `data.augment.crop` when set). The same arguments give the same batches; `start_batch=k` gives the unbroken epoch's batches from k on.
+    Batches are described in the module docstring (crops of `data.augment.crop` when set). The same
+    arguments give the same batches; `start_batch=k` gives the unbroken epoch's batches from k on,
+    and the rank batches of any world size with the same global batch concatenate to the same ones.
     """
     _check_rank(rank, world_size)
     _check_shards(manifest.train_shards, manifest.train_samples, "training", manifest.root)
@@ -351,15 +422,20 @@ def train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size:
     if augment.enabled and augment.crop > manifest.tile:
         raise DataError(f"data.augment.crop={augment.crop} is larger than the tiles ({manifest.tile} px) "
                         f"of the dataset in {manifest.root}")
+    if not manifest.train_shard_samples:
+        raise DataError("the training sample order needs each shard's sample count: data.train_urls names "
+                        f"shards that are not in the manifest of {manifest.root}; list shards of the manifest")
+    partitions = partitions_for(data, manifest, world_size)
+    check_layout(data.batch_size * world_size, world_size, partitions)
     total = batches_per_epoch(data, manifest, world_size)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch must be in [0, {total}] (batches per epoch), got {start_batch}")
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=manifest.train_shard_samples,
+    plan = TrainPlan(urls=list(manifest.train_shards), counts=list(manifest.train_shard_samples),
                      normalizer=Normalizer.of(data, manifest),
-                     batch_size=data.batch_size, shuffle_buffer=data.shuffle_buffer,
-                     augment=augment, num_classes=manifest.num_classes,
-                     weights=manifest.weights, seed=seed, rank=rank, epoch=epoch, lanes=max(1, data.workers),
-                     total=total, start_batch=start_batch)
+                     batch_size=data.batch_size, world_size=world_size, rank=rank, partitions=partitions,
+                     shuffle_buffer=data.shuffle_buffer, augment=augment, num_classes=manifest.num_classes,
+                     shape=(manifest.channels, manifest.tile, manifest.tile), weights=manifest.weights, seed=seed,
+                     epoch=epoch, start_batch=start_batch, opener=ShardOpener.from_config(data))
     return _loader(TrainStream(plan), data.workers, pin_memory)
 
 
@@ -372,5 +448,5 @@ def val_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: i
     _check_rank(rank, world_size)
     _check_shards(manifest.val_shards, manifest.val_samples, "validation", manifest.root)
     dataset = ValStream(manifest, Normalizer.of(data, manifest), data.batch_size, rank, world_size,
-                        max(1, data.workers))
+                        max(1, data.workers), ShardOpener.from_config(data))
     return _loader(dataset, data.workers, pin_memory)

@@ -126,3 +126,64 @@ def _kept(start: int, starts: list[int], tile: int, overlap: int, length: int) -
     first = start if start == starts[0] else start + overlap // 2
     last = start + tile if start == starts[-1] else start + tile - (overlap - overlap // 2)
     return first, min(last, length)
+
+
+@dataclass(frozen=True)
+class Band:
+    """A run of tile rows cut from one read of image rows, so a large image is tiled in bounded memory.
+
+    `starts` are the tile rows' y offsets; rows [top, bottom) are read (the tiles plus `halo` rows on
+    each side, for label conversion and weight maps near the cut, and enough rows for the padding);
+    rows [own_top, own_bottom) are this band's share of the image, so that counting them in every
+    band counts each row once.
+    """
+
+    starts: tuple[int, ...]
+    top: int
+    bottom: int
+    own_top: int
+    own_bottom: int
+
+
+def bands(height: int, width: int, tile: int, overlap: int, region_pixels: int, halo: int) -> list[Band]:
+    """Tile rows grouped into bands of about `region_pixels` pixels (at least one tile row each).
+
+    The band that reaches the bottom reads at least `tile` rows, so that its reflect padding sees
+    the same rows as padding the whole image would (the padding is shorter than a tile).
+    """
+    starts = tile_starts(height, tile, overlap)
+    stride = tile - overlap
+    rows_per_band = max(1, (max(region_pixels // max(width, 1), tile) - tile) // stride + 1)
+    out = []
+    for first in range(0, len(starts), rows_per_band):
+        group = tuple(starts[first : first + rows_per_band])
+        following = first + rows_per_band
+        own_bottom = starts[following] if following < len(starts) else height
+        bottom = min(height, group[-1] + tile + halo)
+        top = group[0] - halo if bottom < height else min(group[0] - halo, height - tile)
+        out.append(Band(starts=group, top=max(0, top), bottom=bottom, own_top=group[0] if first else 0,
+                        own_bottom=own_bottom))
+    return out
+
+
+def iter_band_tiles(image: np.ndarray, label: np.ndarray | None, band: Band, height: int, width: int, tile: int,
+                    overlap: int) -> Iterator[Tile]:
+    """The tiles of one band, from its rows [band.top, band.bottom) (C x rows x W, and rows x W).
+
+    Gives the same tiles as `iter_tiles` on the whole image: the band is padded like the image
+    (reflection at the right, and at the bottom when the band reaches it).
+    """
+    pad_h = padded_length(height, tile, overlap) - height if band.bottom == height else 0
+    pad_w = padded_length(width, tile, overlap) - width
+    widths = [(0, pad_h), (0, pad_w)]
+    padded = np.pad(image, [(0, 0)] * (image.ndim - 2) + widths, mode="reflect") if pad_h or pad_w else image
+    padded_label = None
+    if label is not None:
+        padded_label = np.pad(label, widths, mode="reflect") if pad_h or pad_w else label
+    for y in band.starts:
+        r = y - band.top
+        for x in tile_starts(width, tile, overlap):
+            yield Tile(y=y, x=x, valid_h=min(tile, height - y), valid_w=min(tile, width - x),
+                       image=np.ascontiguousarray(padded[..., r : r + tile, x : x + tile]),
+                       label=None if padded_label is None else np.ascontiguousarray(
+                           padded_label[r : r + tile, x : x + tile]))

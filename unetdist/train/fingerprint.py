@@ -2,7 +2,9 @@
 
 Every checkpoint stores a fingerprint: the model settings (the weights only fit the same
 architecture), the data set it read (root, tile, sample counts, channels, classes) and the
-schedule (steps, optimizer, learning rate, batch). On resume a changed model is refused naming
+schedule (steps, optimizer, learning rate, global batch). The global batch, not the per-rank
+batch, is compared: a job requeued onto another number of ranks with the same global batch continues
+the same run. On resume a changed model is refused naming
 the keys; a changed data set or schedule is refused unless `run.resume=force` (or an explicit
 checkpoint path) says to go on; a checkpoint already past `train.steps` is refused.
 """
@@ -27,7 +29,7 @@ def _root(root: str) -> str:
     return root if "://" in root else os.path.abspath(root)
 
 
-def fingerprint(config: dict[str, Any], data_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def fingerprint(config: dict[str, Any], data_info: dict[str, Any], world_size: int | None) -> dict[str, dict[str, Any]]:
     """{"model": {...}, "data": {...}, "schedule": {...}} from a resolved config dict and the data description.
 
     Works on plain dicts so that checkpoints written before fingerprints existed (which hold
@@ -39,15 +41,20 @@ def fingerprint(config: dict[str, Any], data_info: dict[str, Any]) -> dict[str, 
         "data": {"data.root": _root(str(data_info.get("root", data.get("root", "")))),
                  "data.train_urls": data.get("train_urls", ""), "data.val_urls": data.get("val_urls", ""),
                  **{f"dataset {k}": data_info.get(k) for k in _DATA}},
-        "schedule": {"data.batch_size": data.get("batch_size"),
+        "schedule": {"global batch (data.batch_size x ranks)": _global_batch(data.get("batch_size"), world_size),
                      **{f"train.{k}": train.get(k) for k in _SCHEDULE
                         if k != "momentum" or train.get("optimizer") == "sgd"}},
     }
 
 
-def current(cfg: Config, data_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The fingerprint of the run about to start."""
-    return fingerprint({"model": asdict(cfg.model), "data": asdict(cfg.data), "train": asdict(cfg.train)}, data_info)
+def _global_batch(batch_size: Any, world_size: int | None) -> Any:
+    return batch_size * world_size if isinstance(batch_size, int) and world_size else batch_size
+
+
+def current(cfg: Config, data_info: dict[str, Any], world_size: int) -> dict[str, dict[str, Any]]:
+    """The fingerprint of the run about to start on `world_size` ranks."""
+    return fingerprint({"model": asdict(cfg.model), "data": asdict(cfg.data), "train": asdict(cfg.train)}, data_info,
+                       world_size)
 
 
 def differences(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -61,7 +68,7 @@ def differences(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]
     return out
 
 
-def check_resume(state: dict[str, Any], path: Path, cfg: Config, data_info: dict[str, Any]) -> None:
+def check_resume(state: dict[str, Any], path: Path, cfg: Config, data_info: dict[str, Any], world_size: int) -> None:
     """Refuse a resume that would not continue the same run; see the module docstring for the rules."""
     step = int(state["step"])
     if step > cfg.train.steps:
@@ -72,8 +79,8 @@ def check_resume(state: dict[str, Any], path: Path, cfg: Config, data_info: dict
         if not isinstance(state.get("config"), dict):
             log.warning("%s holds no fingerprint of its settings; resuming without checking them", path)
             return
-        saved = fingerprint(state["config"], state.get("data") or {})
-    diffs = differences(saved, current(cfg, data_info))
+        saved = fingerprint(state["config"], state.get("data") or {}, state.get("world_size"))
+    diffs = differences(saved, current(cfg, data_info, world_size))
     if "model" in diffs:
         raise ConfigError(f"{path} was trained with another model ({'; '.join(diffs['model'])}): its weights cannot "
                           "be loaded; use a new run.dir, or run.resume=never to start afresh in this one")

@@ -119,6 +119,7 @@ class IntervalStats:
         self.loss_sum = torch.zeros((), device=env.device)
         self.loss_count = 0
         self.skipped = torch.zeros((), dtype=torch.float64, device=env.device)  # since the (re)start
+        self.retries = torch.zeros((), dtype=torch.float64, device=env.device)  # shard server retries, too
 
     def prepare(self, amp_dtype: torch.dtype | None) -> None:
         """Measure the device peak (on CPU a ~0.3 s matmul) now, not inside the first timed interval."""
@@ -133,6 +134,7 @@ class IntervalStats:
         self.loss_sum += out["loss"].float()
         self.loss_count += 1
         self.skipped += int(batch.get("skipped", 0))
+        self.retries += int(batch.get("retries", 0))
 
     def report(self, out: dict[str, torch.Tensor], epoch: int, flops_per_image: tuple[int, int],
                amp_dtype: torch.dtype | None) -> dict[str, float]:
@@ -145,6 +147,7 @@ class IntervalStats:
         values.update(self.throughput.report())
         values["peak_memory_gb"] = all_reduce_max(env, values["peak_memory_gb"])
         values["data_skipped"] = float(all_reduce_mean(env, self.skipped)) * env.world_size
+        values["data_retries"] = float(all_reduce_mean(env, self.retries)) * env.world_size
         if env.is_main:
             model, hardware = flops_per_image
             ips = values["images_per_s_per_device"]

@@ -16,6 +16,7 @@ import yaml
 
 from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
+from unetdist.data.order import per_device_batch
 from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
@@ -36,6 +37,9 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     run_dir = Path(cfg.run.dir)
     if env.world_size > env.local_world_size:  # several nodes: resume and checkpoints need one shared run.dir
         check_shared_run_dir(env, run_dir)
+    # with data.global_batch, the per-device batch follows the world size (the saved config records it)
+    cfg.data.batch_size = per_device_batch(cfg.data.batch_size, cfg.data.global_batch, env.world_size,
+                                           cfg.train.grad_accum)
     lock = _lock(env, run_dir)
     try:
         manifest = _open_data(cfg)
@@ -47,7 +51,7 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
         start = _select_checkpoint(cfg, env, manifest, run_dir / "checkpoints")
         trainer = build_trainer(cfg, env)
         if start is not None:
-            _resume(env, trainer, *start)
+            _resume(cfg, env, trainer, *start)
         if env.is_main:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         metrics = _run_logged(cfg, env, trainer, manifest, run_dir)
@@ -140,7 +144,7 @@ def _select_checkpoint(cfg: Config, env: DistEnv, manifest: Manifest,
         try:
             found = select_resume(cfg.run.resume, ckpt_dir)
             if found is not None:
-                check_resume(found[1], found[0], cfg, manifest.checkpoint_info())
+                check_resume(found[1], found[0], cfg, manifest.checkpoint_info(), env.world_size)
         except (ConfigError, CheckpointError) as exc:
             error = exc
     shared = broadcast_object(env, (None if found is None else str(found[0]), error))
@@ -152,15 +156,28 @@ def _select_checkpoint(cfg: Config, env: DistEnv, manifest: Manifest,
     return Path(path), (found[1] if found is not None and not Path(path).is_dir() else None)
 
 
-def _resume(env: DistEnv, trainer: Trainer, path: Path, state: dict | None) -> None:
+def _resume(cfg: Config, env: DistEnv, trainer: Trainer, path: Path, state: dict | None) -> None:
     state = trainer.load(path, state)
     if env.is_main:
         log.info("resumed from %s at step %d", path, trainer.step)
-        if state.get("world_size") != env.world_size:
-            log.warning(
-                "checkpoint was written by %s ranks, this run has %d: the data stream position is recomputed",
-                state.get("world_size"), env.world_size,
-            )
+        _check_data_order(cfg, env, state)
+
+
+def _check_data_order(cfg: Config, env: DistEnv, state: dict) -> None:
+    """Say whether the data order continues exactly: it does when the global batch and partitions are kept."""
+    saved = (state.get("config") or {}).get("data") or {}
+    if "batch_size" not in saved or state.get("world_size") is None:
+        return
+    before = int(saved["batch_size"]) * int(state["world_size"])
+    now = cfg.data.batch_size * env.world_size
+    if before != now or int(saved.get("partitions", 0)) != cfg.data.partitions:
+        log.warning("the checkpoint's global batch was %d (data.partitions=%s), this run's is %d (%d): the data "
+                    "order from here differs from the unbroken run's; set data.batch_size=%s to continue it exactly",
+                    before, saved.get("partitions", 0), now, cfg.data.partitions,
+                    f"{before // env.world_size}" if before % env.world_size == 0 else "<global batch / ranks>")
+    elif state["world_size"] != env.world_size:
+        log.info("checkpoint written by %s ranks, resumed on %d with the same global batch %d: "
+                 "the data order continues unchanged", state["world_size"], env.world_size, now)
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -231,5 +248,5 @@ def _validate(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, l
 
 def _save(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, ckpt_dir: Path) -> None:
     info = manifest.checkpoint_info(cfg.data.normalize)
-    trainer.save(ckpt_dir, {"data": info, "fingerprint": current(cfg, info)})  # collective: every rank takes part
+    trainer.save(ckpt_dir, {"data": info, "fingerprint": current(cfg, info, env.world_size)})  # collective: every rank takes part
     barrier(env)
