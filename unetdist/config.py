@@ -44,12 +44,19 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    in_channels: int = 1
-    num_classes: int = 2
+    in_channels: int | None = None  # None: the dataset's (manifest.json); stated values are checked against it
+    num_classes: int | None = None  # None: the dataset's; both 1 and 2 where no dataset tells (benchmarks)
     base_width: int = 64
     depth: int = 4
     bilinear: bool = False
     norm: Literal["batch", "group", "instance"] = "batch"
+
+    def hparams(self) -> dict[str, Any]:
+        """`UNet(**hparams)` arguments; channels and classes not (yet) taken from a dataset are 1 and 2."""
+        out = dataclasses.asdict(self)
+        out["in_channels"] = 1 if self.in_channels is None else self.in_channels
+        out["num_classes"] = 2 if self.num_classes is None else self.num_classes
+        return out
 
 
 @dataclass
@@ -114,6 +121,15 @@ class AugmentConfig:
 
 
 @dataclass
+class NormalizeConfig:
+    """How raw pixels become network input (the same transform is stored with the model for prediction)."""
+
+    mode: Literal["percentile", "dataset"] = "percentile"  # per-image percentiles, or the training set's statistics
+    low: float = 1.0  # percentile mode: per image and channel, (x - p_low) / (p_high - p_low) ...
+    high: float = 99.8  # ... with these percentiles of the whole image (StarDist's; cellpose uses 1 and 99)
+
+
+@dataclass
 class CacheConfig:
     """The node-local cache of shards read from a URL data.root (see unetdist/data/cache.py)."""
 
@@ -139,6 +155,7 @@ class DataConfig:
     retry_wait: float = 0.5  # seconds before the first retry, doubled each time (at most 30 s)
     cache: CacheConfig = field(default_factory=CacheConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # `true`/`false` still accepted
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     generate: bool = False  # make the synthetic dataset in `root` when it is missing
     fetch: str = ""  # or download this dataset (e.g. cellunet-nuclei) and shard it into `root` when missing
     cache_dir: str = ""  # downloads are kept here ("": ~/.cache/unetdist)
@@ -247,16 +264,14 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     checks = [
-        (cfg.model.in_channels >= 1, "model.in_channels must be >= 1"),
-        (cfg.model.num_classes >= 2, "model.num_classes must be >= 2 (background + at least one class)"),
+        (cfg.model.in_channels is None or cfg.model.in_channels >= 1, "model.in_channels must be >= 1"),
+        (cfg.model.num_classes is None or cfg.model.num_classes >= 2,
+         "model.num_classes must be >= 2 (background + at least one class)"),
         (cfg.model.base_width >= 1, "model.base_width must be >= 1"),
         (cfg.model.depth >= 1, "model.depth must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
-        (cfg.data.shard.tile >= 8, "data.shard.tile must be >= 8"),
-        (0 <= cfg.data.shard.overlap < cfg.data.shard.tile, "data.shard.overlap must be in [0, tile)"),
-        (0.0 < cfg.data.shard.val_fraction < 1.0, "data.shard.val_fraction must be in (0, 1)"),
         *_data_checks(cfg.data),
         (cfg.run.stop_at >= 0, "run.stop_at must be >= 0 (0: run to train.steps)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
@@ -306,15 +321,11 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
     probabilities = ("foreground_oversample", "rotate_p", "scale_p", "elastic_p", "intensity_p", "noise_p", "blur_p")
     return [
         (not (data.generate and data.fetch), "data.generate and data.fetch exclude each other; set one"),
-        (shard.min_shards >= 1, "data.shard.min_shards must be >= 1"),
-        (shard.frame_block >= 0, "data.shard.frame_block must be >= 0 (0: a whole stack is one split unit)"),
-        (0.0 <= shard.min_foreground <= 1.0, "data.shard.min_foreground must be in [0, 1]"),
-        (0.0 <= shard.empty_keep <= 1.0, "data.shard.empty_keep must be in [0, 1]"),
-        (shard.w0 >= 0 and shard.sigma > 0, "data.shard.w0 must be >= 0 and data.shard.sigma > 0"),
-        (shard.workers >= 0, "data.shard.workers must be >= 0 (0: automatic)"),
-        (shard.region_pixels >= 65536, "data.shard.region_pixels must be >= 65536 (pixels read at once per band)"),
-        (shard.skip_background in ("off", "bright", "dark"),
-         "data.shard.skip_background must be off, bright (fluorescence) or dark (brightfield)"),
+        (0.0 <= data.normalize.low < data.normalize.high <= 100.0,
+         f"data.normalize.low={data.normalize.low} and data.normalize.high={data.normalize.high} must satisfy "
+         "0 <= low < high <= 100 (percentiles)"),
+        *((False, problem) for problem in shard_problems(shard)),
+        *((False, problem) for problem in shard_problems(shard)),
         (aug.crop == 0 or aug.crop >= 8, "data.augment.crop must be 0 (whole tiles) or >= 8"),
         *((0.0 <= getattr(aug, p) <= 1.0, f"data.augment.{p} must be a probability in [0, 1]") for p in probabilities),
         (0.0 <= aug.scale < 1.0, "data.augment.scale must be in [0, 1)"),
@@ -327,6 +338,36 @@ def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
          "must be >= 0 (max_bytes 0: no limit)"),
         (not (data.cache.dir and "://" in data.cache.dir), f"data.cache.dir={data.cache.dir!r} must be a local folder"),
     ]
+
+
+def shard_problems(shard: ShardConfig, name: typing.Callable[[str], str] = lambda key: f"data.shard.{key}") -> list[str]:
+    """What is wrong with shard settings; `name` spells a key as the user wrote it (config key or flag)."""
+    checks = [
+        (shard.tile >= 8, f"{name('tile')}={shard.tile} must be >= 8"),
+        (0 <= shard.overlap < shard.tile, f"{name('overlap')}={shard.overlap} must be in [0, tile={shard.tile})"),
+        (shard.shard_bytes >= 1, f"{name('shard_bytes')}={shard.shard_bytes} must be >= 1"),
+        (0.0 < shard.val_fraction < 1.0, f"{name('val_fraction')}={shard.val_fraction} must be in (0, 1)"),
+        (shard.min_shards >= 1, f"{name('min_shards')}={shard.min_shards} must be >= 1"),
+        (shard.frame_block >= 0, f"{name('frame_block')}={shard.frame_block} must be >= 0 "
+                                 "(0: a whole stack is one split unit)"),
+        (0.0 <= shard.min_foreground <= 1.0, f"{name('min_foreground')}={shard.min_foreground} must be in [0, 1]"),
+        (0.0 <= shard.empty_keep <= 1.0, f"{name('empty_keep')}={shard.empty_keep} must be in [0, 1]"),
+        (shard.w0 >= 0, f"{name('w0')}={shard.w0} must be >= 0"),
+        (shard.sigma > 0, f"{name('sigma')}={shard.sigma} must be > 0"),
+        (shard.workers >= 0, f"{name('workers')}={shard.workers} must be >= 0 (0: automatic)"),
+        (shard.region_pixels >= 65536, f"{name('region_pixels')}={shard.region_pixels} must be >= 65536 "
+                                       "(pixels read at once per band)"),
+        (shard.skip_background in ("off", "bright", "dark"), f"{name('skip_background')}={shard.skip_background!r} "
+                                                              "must be off, bright (fluorescence) or dark (brightfield)"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def check_shard(shard: ShardConfig, name: typing.Callable[[str], str] = lambda key: f"data.shard.{key}") -> None:
+    """ConfigError naming the first bad shard setting (the same checks for the config and `unetdist shard`)."""
+    problems = shard_problems(shard, name)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

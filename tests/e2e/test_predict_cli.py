@@ -54,7 +54,7 @@ def test_train_predict_on_two_processes_then_evaluate(tmp_path: Path, tiny_data:
 
     scored = tmp_path / "scored"  # predict on 1 process and score, in one command
     out = _ok(run_cmd([PYTHON, "-m", "unetdist.infer", "evaluate", "--model", str(run_dir), "--images",
-                       *map(str, images), "--labels", str(raw / "lbl_*.tif"), "--overlays", "2", "--out", str(scored),
+                       str(raw / "img_*.tif"), "--labels", str(raw / "lbl_*.tif"), "--overlays", "2", "--out", str(scored),
                        *WINDOWS], env=ONE_THREAD))
     assert "pooled over 6 image(s)" in out
     metrics = json.loads((scored / "metrics.json").read_text())

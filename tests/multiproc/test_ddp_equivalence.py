@@ -67,6 +67,4 @@ def _init_state() -> dict[str, torch.Tensor]:
 
     cfg = load_config(None, OVERRIDES)
     seed_everything(cfg.run.seed)
-    from dataclasses import asdict
-
-    return UNet(**asdict(cfg.model)).state_dict()
+    return UNet(**cfg.model.hparams()).state_dict()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from unetdist.config import AugmentConfig, DataConfig, ShardConfig
+from unetdist.config import AugmentConfig, DataConfig, NormalizeConfig, ShardConfig
 from unetdist.data.errors import DataError
 from unetdist.data.manifest import normalize, open_manifest
 from unetdist.data.shards import write_shards
@@ -101,7 +101,7 @@ def test_workers_and_ranks_report_each_skip_once(dataset: Path, tmp_path: Path, 
 def test_weight_maps_come_with_batches_and_move_with_the_tiles(dataset: Path) -> None:
     manifest = open_manifest(dataset)
     assert manifest.weights
-    data = DataConfig(batch_size=3, workers=0, shuffle_buffer=4)
+    data = DataConfig(batch_size=3, workers=0, shuffle_buffer=4, normalize=NormalizeConfig(mode="dataset"))
     raw = {}
     from unetdist.data.reader import decode, shard_samples
 

@@ -122,12 +122,10 @@ def test_presets_sections_and_levers() -> None:
 
 def test_train_step_flops_for_a_config() -> None:
     """What the training loop calls for train/mfu: the config's model section, norm ignored."""
-    from dataclasses import asdict
-
     from unetdist.config import ModelConfig
     from unetdist.model.flops import train_step_flops_for
 
-    model = asdict(ModelConfig(base_width=16, norm="group"))
+    model = ModelConfig(base_width=16, norm="group").hparams()
     assert train_step_flops_for(model, 64, 96, 3, "highres") == train_step_flops(
         64, 96, 3, base_width=16, policy="highres")
 

@@ -45,7 +45,7 @@ def test_ddp_checkpoint_and_run_folder_newest(tmp_path: Path) -> None:
     for where in (tmp_path / "run", ckpts):
         model, stats, info = load_model_file(where)
         assert _same_weights(model, new) and info.step == 200 and info.path.name == "step_000000200.pt"
-    assert stats.low == (10.0,) and stats.clipped_std == (200.0,)
+    assert stats.mode == "dataset" and stats.stats.low == (10.0,) and stats.stats.clipped_std == (200.0,)
     assert not model.training and model.hparams == HPARAMS
 
 
@@ -56,7 +56,7 @@ def test_exported_model_file_round_trip(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "model.pt")
     model, stats, info = load_model_file(tmp_path / "model.pt")
     assert _same_weights(model, original) and info.kind == "model-file" and info.step == 7
-    assert info.data["dataset"] == "synth" and info.num_classes == 3 and stats.high == (1000.0,)
+    assert info.data["dataset"] == "synth" and info.num_classes == 3 and stats.stats.high == (1000.0,)
 
 
 def test_deepspeed_stage0_folder_layout(tmp_path: Path) -> None:

@@ -41,6 +41,21 @@ def _drop(path: str) -> Callable[[dict], None]:
     (_set("val.shards.0.samples", 1.5), "manifest.json: val.shards[0].samples must be an integer >= 0, got 1.5"),
     (_drop("train.class_frequencies"), "manifest.json: train.class_frequencies is missing"),
     (_set("train", []), "manifest.json: train must be a mapping, got []"),
+    (_set("image_percentiles", [1, 2]), "manifest.json: image_percentiles must be a mapping, got [1, 2]"),
+    (_drop("image_percentiles.images"), "manifest.json: image_percentiles.images is missing"),
+    (_set("image_percentiles.percentiles", []), "manifest.json: image_percentiles.percentiles must be a non-empty"),
+    (_set("image_percentiles.percentiles.1", 101), "manifest.json: image_percentiles.percentiles[1] must be a "
+                                                    "percentile in [0, 100], got 101"),
+    (_set("image_percentiles.max_pixels", 0), "manifest.json: image_percentiles.max_pixels must be an integer >= 1"),
+    (_set("image_percentiles.images", []), "manifest.json: image_percentiles.images has 0 entries for"),
+    (_set("image_percentiles.images.0", None), "manifest.json: image_percentiles.images[0] must be a non-empty list"),
+    (_set("image_percentiles.images.0.0", [[1.0]]), "manifest.json: image_percentiles.images[0][0][0] must hold"),
+    (_set("image_percentiles.images.0.0.0.3", "x"), "manifest.json: image_percentiles.images[0][0][0][3] must be "
+                                                     "a number, got 'x'"),
+    (_set("normalization", {"mode": "zscore"}), "manifest.json: normalization.mode must be one of percentile, "
+                                                "dataset, got 'zscore'"),
+    (_set("normalization", {"mode": "percentile", "percentiles": [99, 1]}),
+     "manifest.json: normalization.percentiles must be [low, high] with low < high"),
 ])
 def test_malformed_manifest_names_file_and_key(tmp_path: Path, tiny_data: Path, damage, message: str) -> None:
     raw = json.loads((tiny_data / "manifest.json").read_text())
@@ -50,6 +65,15 @@ def test_malformed_manifest_names_file_and_key(tmp_path: Path, tiny_data: Path, 
     with pytest.raises(DataError) as err:
         open_manifest(tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_manifest_without_percentiles_still_opens(tmp_path: Path, tiny_data: Path) -> None:
+    """Datasets sharded before per-image percentiles existed open (only data.normalize.mode=dataset can use them)."""
+    raw = json.loads((tiny_data / "manifest.json").read_text())
+    assert raw["image_percentiles"]["images"]  # what the check above damages
+    del raw["image_percentiles"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert open_manifest(tmp_path).image_percentiles == ()
 
 
 @pytest.mark.parametrize("name", ["../elsewhere/train-000000.tar", "sub/../../x.tar", "/etc/passwd",

@@ -8,6 +8,8 @@ from pathlib import Path
 from unetdist.config import ShardConfig, SynthConfig, UsageError
 from unetdist.data.console import deprecated_alias
 
+MASK_SUFFIX = "_masks"  # = unetdist.data.inputs.MASK_SUFFIX, not imported: `--help` stays fast
+
 
 def _synth(args: argparse.Namespace) -> int:
     from unetdist.data.synth import generate_dataset
@@ -19,12 +21,17 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _shard_config(args: argparse.Namespace) -> ShardConfig:
-    return ShardConfig(tile=args.tile, overlap=args.overlap, shard_bytes=args.shard_bytes, min_shards=args.min_shards,
+    """The shard settings from the flags, through the same checks as the config's data.shard (named as flags)."""
+    from unetdist.config import check_shard
+
+    shard = ShardConfig(tile=args.tile, overlap=args.overlap, shard_bytes=args.shard_bytes, min_shards=args.min_shards,
                        val_fraction=args.val_fraction, seed=args.seed, axes=args.axes, labels=args.label_type,
                        frame_block=args.frame_block, min_foreground=args.min_foreground, empty_keep=args.empty_keep,
                        weight_map=args.weight_map, w0=args.w0, sigma=args.sigma,
                        class_balance=not args.no_class_balance, workers=args.workers,
                        region_pixels=args.region_pixels, skip_background=args.skip_background)
+    check_shard(shard, lambda key: "--" + key.replace("_", "-"))
+    return shard
 
 
 def _report(manifest: dict, out: str) -> int:
@@ -46,7 +53,7 @@ def _shard(args: argparse.Namespace) -> int:
     elif not (args.images and args.labels):
         raise UsageError("--images and --labels go together")
     else:
-        pairs = read_pairs(args.images, args.labels)
+        pairs = read_pairs(args.images, args.labels, args.mask_suffix)
     manifest = write_shards(pairs, Path(args.out), _shard_config(args), num_classes=args.num_classes)
     return _report(manifest, args.out)
 
@@ -111,7 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("shard", help="tile image/label pairs into WebDataset shards with a manifest")
     p.add_argument("--images", help="glob of images, e.g. 'raw/img_*.tif'")
-    p.add_argument("--labels", help="glob of label files, matched to images in sorted order")
+    p.add_argument("--labels", help="glob of label files, paired with images by name: NAME.tif with "
+                                    "NAME_masks.tif (--mask-suffix), NAME.tif in another folder, or what the "
+                                    "globs' * match (img_*.tif with lbl_*.tif)")
+    p.add_argument("--mask-suffix", default=MASK_SUFFIX, help="label names are image names plus this suffix "
+                                                              "(cellpose's convention)")
     p.add_argument("--list", help="CSV (image,label[,split]) or YAML list of pairs, instead of the globs")
     p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     p.add_argument("--num-classes", type=int, default=2, help="classes incl. background; label values must be below")

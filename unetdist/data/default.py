@@ -49,7 +49,7 @@ def may_generate(data: DataConfig) -> bool:
     return data.generate_asked or os.path.abspath(data.root) in shipped
 
 
-def ensure_dataset(data: DataConfig, num_classes: int) -> Path | str:
+def ensure_dataset(data: DataConfig, num_classes: int | None = None) -> Path | str:
     """Return `data.root` once it holds a complete dataset (manifest.json), building it if allowed.
 
     A URL root is returned as it is (its manifest is read, with retries, by `open_manifest`).
@@ -75,7 +75,7 @@ def ensure_dataset(data: DataConfig, num_classes: int) -> Path | str:
     return root
 
 
-def _build(data: DataConfig, num_classes: int, root: Path) -> None:
+def _build(data: DataConfig, num_classes: int | None, root: Path) -> None:
     """Generate and shard the synthetic dataset beside `root`, then rename it into place."""
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} holds files but no manifest.json, so it is not a dataset and nothing is generated "
@@ -84,7 +84,7 @@ def _build(data: DataConfig, num_classes: int, root: Path) -> None:
         expected, what = get_dataset(data.fetch).num_classes, f"dataset {data.fetch}"
     else:
         expected, what = (3 if data.synth.boundary else 2), f"synthetic dataset (synth.boundary={data.synth.boundary})"
-    if num_classes != expected:
+    if num_classes is not None and num_classes != expected:
         raise DataError(f"the {what} has {expected} classes but model.num_classes={num_classes}")
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +94,7 @@ def _build(data: DataConfig, num_classes: int, root: Path) -> None:
             prepare(data.fetch, tmp, data.shard, cache_dir=data.cache_dir or None)
         else:
             pairs = generate_dataset(tmp / "raw", data.synth)
-            write_shards(pairs, tmp, data.shard, num_classes)
+            write_shards(pairs, tmp, data.shard, expected)
         if root.exists():
             root.rmdir()  # empty (checked above)
         os.rename(tmp, root)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import glob
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +44,105 @@ class Pair:
     split: str | None = None
 
 
-def read_pairs(images_glob: str, labels_glob: str) -> list[tuple[Path, Path]]:
-    """Image and label files from two globs, each sorted, matched by position."""
+MASK_SUFFIX = "_masks"  # cellpose's convention: img.tif <-> img_masks.tif
+_WILDCARD = re.compile(r"\*+|\?|\[[^\]]*\]")
+KeyFn = Callable[[Path], str]
+
+
+def name_key(pattern: str | None = None, suffix: str = "") -> KeyFn:
+    """The name a file is paired by: what the wildcards of `pattern`'s file-name part matched
+    (``img_*.tif``: ``img_07.tif`` -> ``07``), or the whole name; then without its image
+    extension (and ``.ome``) and without `suffix` when it ends with it (``x1_masks`` -> ``x1``)."""
+    prefix = affix = ""
+    if pattern:
+        name = Path(pattern).name
+        wild = list(_WILDCARD.finditer(name))
+        if wild:
+            prefix, affix = name[: wild[0].start()], name[wild[-1].end():]
+
+    def key(path: Path) -> str:
+        name = path.name
+        if prefix or affix:
+            if name.startswith(prefix) and name.endswith(affix) and len(name) > len(prefix) + len(affix):
+                name = name[len(prefix): len(name) - len(affix)]
+        for ext in (*SUFFIXES, ".ome"):
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+        return name[: -len(suffix)] if suffix and name.endswith(suffix) and len(name) > len(suffix) else name
+
+    return key
+
+
+class PairingError(DataError):
+    """Files that cannot be paired; `unpaired` counts them (to report the closer of two pairing rules)."""
+
+    def __init__(self, message: str, unpaired: int) -> None:
+        super().__init__(message)
+        self.unpaired = unpaired
+
+
+def _listing(paths: list[Path]) -> str:
+    shown = ", ".join(str(p) for p in paths[:8])
+    return shown + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+
+
+def pair_by_name(images: list[Path], labels: list[Path], image_key: KeyFn | None = None,
+                 label_key: KeyFn | None = None, what: tuple[str, str] = ("image", "mask")) -> list[tuple[Path, Path]]:
+    """Pairs (image, label) matched by name (`name_key`), in the order of `images`.
+
+    By default a label belongs to the image whose name it is with ``_masks`` added (cellpose:
+    ``x1.tif`` <-> ``x1_masks.tif``), or to the image of the same name (two folders). Files in both
+    lists count as labels. Never by position: an image without a label, a label without an image,
+    or two files with one name are an error listing them.
+    """
+    image_key, label_key = image_key or name_key(), label_key or name_key(None, MASK_SUFFIX)
+    label_set = {Path(p) for p in labels}
+    images = [Path(p) for p in images if Path(p) not in label_set]
+    keyed: dict[str, dict[str, list[Path]]] = {}
+    for side, paths, key in (("image", images, image_key), ("label", sorted(label_set), label_key)):
+        for path in paths:
+            keyed.setdefault(key(path), {"image": [], "label": []})[side].append(path)
+    problems, unpaired = [], 0
+    for side, other, name, other_name in (("image", "label", *what), ("label", "image", *what[::-1])):
+        dupes = sorted(p for group in keyed.values() if len(group[side]) > 1 for p in group[side])
+        lonely = sorted(p for group in keyed.values() if not group[other] for p in group[side])
+        if dupes:
+            problems.append(f"{name}s with the same name: {_listing(dupes)}")
+        if lonely:
+            problems.append(f"{len(lonely)} {name}(s) without their {other_name}: {_listing(lonely)}")
+        unpaired += len(dupes) + len(lonely)
+    if problems:
+        raise PairingError("; ".join(problems) + f" ({what[1]}s are paired with {what[0]}s by name: NAME.tif with "
+                           f"NAME{MASK_SUFFIX}.tif or with NAME.tif in another folder, or by what the globs' * "
+                           "match)", unpaired)
+    return [(path, keyed[image_key(path)]["label"][0]) for path in images]
+
+
+def pair_files(images: list[Path], labels: list[Path], image_glob: str | None = None, label_glob: str | None = None,
+               label_suffix: str = MASK_SUFFIX, image_suffix: str = "",
+               what: tuple[str, str] = ("image", "label")) -> list[tuple[Path, Path]]:
+    """`pair_by_name` by the files' names; when that leaves files unpaired, by what the globs' wildcards
+    matched (``img_*.tif`` with ``lbl_*.tif``). The error lists the files the names leave unpaired."""
+    try:
+        return pair_by_name(images, labels, name_key(None, image_suffix), name_key(None, label_suffix), what)
+    except PairingError as by_name:
+        if not (image_glob or label_glob):
+            raise
+        try:
+            return pair_by_name(images, labels, name_key(image_glob, image_suffix), name_key(label_glob, label_suffix),
+                                what)
+        except PairingError as by_glob:
+            raise (by_glob if by_glob.unpaired < by_name.unpaired else by_name) from None
+
+
+def read_pairs(images_glob: str, labels_glob: str, mask_suffix: str = MASK_SUFFIX) -> list[tuple[Path, Path]]:
+    """Image and label files from two globs, paired by name (see `name_key`, `pair_by_name`), sorted by image."""
     images = sorted(glob.glob(images_glob, recursive=True))
     labels = sorted(glob.glob(labels_glob, recursive=True))
     for pattern, found, what in ((images_glob, images, "images"), (labels_glob, labels, "labels")):
         if not found:
             raise DataError(f"no files match the {what} glob {pattern!r} (quote it so the shell does not expand it)")
-    if len(images) != len(labels):
-        raise DataError(
-            f"{len(images)} images match {images_glob!r} but {len(labels)} labels match {labels_glob!r}; "
-            "images and labels are matched in sorted order, so the counts must be equal"
-        )
-    return [(Path(i), Path(l)) for i, l in zip(images, labels)]
+    return pair_files([Path(i) for i in images], [Path(l) for l in labels], images_glob, labels_glob, mask_suffix)
 
 
 def read_list(path: str | Path) -> list[Pair]:

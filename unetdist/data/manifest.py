@@ -1,11 +1,8 @@
-"""Reading a dataset's manifest.json, and the intensity normalisation it defines.
+"""Reading a dataset's manifest.json: shards, sample counts, classes and intensity statistics.
 
-Separate from the loaders so that inference and tools can normalise images the way training
-did without importing torch's DataLoader machinery. `unetdist.data.stream` re-exports these names.
-
-Normalisation: clip each channel to its train-split 0.5/99.5 percentiles, then subtract the mean
-and divide by the std of the clipped train pixels. Clipping first keeps hot pixels and saturated
-spots from dominating the scale, and z-scoring after it gives the network inputs of unit scale.
+Separate from the loaders so that inference and tools can read a dataset without importing
+torch's DataLoader machinery. `unetdist.data.stream` re-exports these names. The normalisation
+itself lives in `unetdist.data.normalize` (re-exported here for older imports).
 """
 
 from __future__ import annotations
@@ -13,35 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from webdataset.shardlists import expand_urls
 
-from unetdist.config import DataConfig
+from unetdist.config import DataConfig, NormalizeConfig
 from unetdist.data.errors import DataError
+from unetdist.data.normalize import MODES, IntensityStats, Normalization, grid_columns, normalize
 from unetdist.data.remote import is_remote, read_bytes
+
+__all__ = ["FORMAT", "IntensityStats", "Manifest", "normalize", "open_manifest", "validate_manifest"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "unetdist-shards/1"  # later additions (weight maps, checksums, ...) are optional members and keys
-
-
-@dataclass(frozen=True)
-class IntensityStats:
-    """Per-channel train-split statistics used by `normalize`."""
-
-    low: tuple[float, ...]
-    high: tuple[float, ...]
-    clipped_mean: tuple[float, ...]
-    clipped_std: tuple[float, ...]
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> IntensityStats:
-        return cls(*(tuple(float(v) for v in raw[k]) for k in ("low", "high", "clipped_mean", "clipped_std")))
 
 
 @dataclass
@@ -62,16 +46,34 @@ class Manifest:
     train_shard_samples: list[int] | None = None  # per shard, when known (None: URLs not in the manifest)
     val_shard_samples: list[int] | None = None
     weights: bool = False  # every sample has a `wgt.npy` weight map
+    image_percentiles: tuple[float, ...] = ()  # per-image percentiles stored with every tile (older datasets: none)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def checkpoint_info(self) -> dict[str, Any]:
-        """Plain values (safe for weights_only loading) that identify the data a run trained on."""
+    def normalization(self, config: NormalizeConfig) -> Normalization:
+        """The transform `config` asks for, checked against what the shards store (DataError if it cannot work)."""
+        if config.mode == "dataset":
+            return Normalization("dataset", self.stats)
+        where = f"the dataset in {self.root}"
+        if not self.image_percentiles:
+            raise DataError(f"{where} stores no per-image percentiles (sharded by an older version); re-run "
+                            "`unetdist shard` into a new folder, or set data.normalize.mode=dataset")
+        percentiles = (config.low, config.high)
+        try:
+            grid_columns(self.image_percentiles, percentiles, f"data.normalize.low/high={config.low:g}/{config.high:g}")
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+        max_pixels = int(self.raw["image_percentiles"].get("max_pixels", 0)) or None
+        return Normalization("percentile", self.stats, percentiles, *([max_pixels] if max_pixels else []))
+
+    def checkpoint_info(self, normalize: NormalizeConfig | None = None) -> dict[str, Any]:
+        """Plain values (safe for weights_only loading) that identify the data a run trained on and how its
+        images were normalised (`normalize`: the run's data.normalize; None: the ``dataset`` mode)."""
+        norm = self.normalization(normalize or NormalizeConfig(mode="dataset"))
         return {"root": self.root, "train_samples": self.train_samples, "val_samples": self.val_samples,
                 "train_shards": len(self.train_shards), "val_shards": len(self.val_shards),
                 "channels": self.channels, "num_classes": self.num_classes, "tile": self.tile, "dtype": self.dtype,
                 "weights": self.weights, "dataset": str(self.raw.get("dataset", {}).get("name", "")),
-                "stats": {"low": list(self.stats.low), "high": list(self.stats.high),
-                          "clipped_mean": list(self.stats.clipped_mean), "clipped_std": list(self.stats.clipped_std)}}
+                "stats": self.stats.to_dict(), "normalization": norm.to_dict()}
 
 
 def _read_text(location: str, data: DataConfig | None) -> str:
@@ -142,6 +144,64 @@ def validate_manifest(raw: Any, location: str) -> None:
             _number(shard.get("samples"), location, f"{split}.shards[{i}].samples", integer=True)
     for i, value in enumerate(_member(raw["train"], "train.class_frequencies", location, list)):
         _number(value, location, f"train.class_frequencies[{i}]")
+    if raw.get("image_percentiles") is not None:  # older datasets have none (then only data.normalize.mode=dataset)
+        _validate_percentiles(raw, location, channels)
+    if raw.get("normalization") is not None:
+        _validate_normalization(raw, location)
+
+
+def _percentile_list(values: Any, location: str, key: str) -> list[float]:
+    """A list of percentiles in [0, 100], or a one-line error naming the key."""
+    if not isinstance(values, list) or not values:
+        raise _fail(location, key, f"must be a non-empty list, got {values!r}" if values is not None else "is missing")
+    for i, value in enumerate(values):
+        if _number(value, location, f"{key}[{i}]") > 100:
+            raise _fail(location, f"{key}[{i}]", f"must be a percentile in [0, 100], got {value!r}")
+    return values
+
+
+def _validate_percentiles(raw: dict[str, Any], location: str, channels: int) -> None:
+    """`image_percentiles`: the grid, and per input and frame, per channel one value per grid point."""
+    part = _member(raw, "image_percentiles", location)
+    grid = _percentile_list(part.get("percentiles"), location, "image_percentiles.percentiles")
+    if part.get("max_pixels") is not None:
+        _number(part["max_pixels"], location, "image_percentiles.max_pixels", integer=True, low=1)
+    images = _member(part, "image_percentiles.images", location, list)
+    inputs = raw.get("inputs")
+    if isinstance(inputs, list) and len(images) != len(inputs):
+        raise _fail(location, "image_percentiles.images", f"has {len(images)} entries for {len(inputs)} input(s)")
+    for i, frames in enumerate(images):
+        key = f"image_percentiles.images[{i}]"
+        if not isinstance(frames, list) or not frames:
+            raise _fail(location, key, f"must be a non-empty list of frames, got {frames!r}")
+        expected = inputs[i].get("frames") if isinstance(inputs, list) and isinstance(inputs[i], dict) else None
+        if isinstance(expected, int) and len(frames) != expected:
+            raise _fail(location, key, f"has {len(frames)} frame(s) for an input of {expected}")
+        for t, per_channel in enumerate(frames):
+            if not isinstance(per_channel, list) or len(per_channel) != channels:
+                raise _fail(location, f"{key}[{t}]", f"must hold {channels} channel(s) of percentiles, "
+                            f"got {per_channel!r}")
+            for c, values in enumerate(per_channel):
+                where = f"{key}[{t}][{c}]"
+                if not isinstance(values, list) or len(values) != len(grid):
+                    raise _fail(location, where, f"must hold {len(grid)} value(s) (one per percentile), got {values!r}")
+                for j, value in enumerate(values):
+                    _number(value, location, f"{where}[{j}]", low=-float("inf"))
+
+
+def _validate_normalization(raw: dict[str, Any], location: str) -> None:
+    """`normalization` (when present): a known mode; for ``percentile`` a (low, high) pair and max_pixels."""
+    part = _member(raw, "normalization", location)
+    mode = part.get("mode")
+    if mode not in MODES:
+        raise _fail(location, "normalization.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "percentile":
+        if part.get("percentiles") is not None:
+            pair = _percentile_list(part["percentiles"], location, "normalization.percentiles")
+            if len(pair) != 2 or not pair[0] < pair[1]:
+                raise _fail(location, "normalization.percentiles", f"must be [low, high] with low < high, got {pair!r}")
+        if part.get("max_pixels") is not None:
+            _number(part["max_pixels"], location, "normalization.max_pixels", integer=True, low=1)
 
 
 def _join(root: str, name: str) -> str:
@@ -196,28 +256,6 @@ def open_manifest(root: str | Path, data: DataConfig | None = None) -> Manifest:
         num_classes=int(raw["num_classes"]), tile=int(raw["tile"]), dtype=str(raw["dtype"]),
         stats=IntensityStats.from_dict(raw["stats"]), class_frequencies=list(raw["train"]["class_frequencies"]),
         train_shard_samples=counts["train"], val_shard_samples=counts["val"],
-        weights=bool((raw.get("weight_map") or {}).get("enabled")), raw=raw,
+        weights=bool((raw.get("weight_map") or {}).get("enabled")),
+        image_percentiles=tuple(float(p) for p in (raw.get("image_percentiles") or {}).get("percentiles", ())), raw=raw,
     )
-
-
-def normalize(image: np.ndarray, stats: IntensityStats | Mapping[str, Any], out: np.ndarray | None = None) -> np.ndarray:
-    """float32 image: per channel, clip to the train percentiles, then z-score with the clipped mean/std.
-
-    `image` is C x H x W or N x C x H x W (channels on axis -3), or H x W for one channel. With
-    `out` (float32, the image's shape) the result is written there, e.g. into a batch being assembled.
-    """
-    if not isinstance(stats, IntensityStats):
-        stats = IntensityStats.from_dict(stats)
-    channels = len(stats.low)
-    shape = (channels, 1, 1) if image.ndim >= 3 else ()
-    if image.ndim == 2 and channels != 1:
-        raise ValueError(f"an H x W image has one channel but the statistics have {channels}")
-    if image.ndim >= 3 and image.shape[-3] != channels:
-        raise ValueError(f"image has {image.shape[-3]} channels on axis -3 but the statistics have {channels}")
-    low, high, mean, std = (np.asarray(v, np.float32).reshape(shape) for v in
-                            (stats.low, stats.high, stats.clipped_mean, stats.clipped_std))
-    if out is None:
-        out = np.empty(image.shape, np.float32)
-    np.clip(image, low, high, out=out)  # computed in float32 (uint16 and float32 promote to float32)
-    np.subtract(out, mean, out=out)
-    return np.divide(out, np.maximum(std, np.float32(1e-6)), out=out)

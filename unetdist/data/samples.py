@@ -1,8 +1,9 @@
 """The per-file work of shard writing, run in parallel: survey a pair, and turn one band of a frame into samples.
 
 Two passes, both pure functions of their arguments so that worker processes give the same bytes
-as the main process: `survey_pair` reads a pair's image header and its labels, checks them and
-measures the foreground of every tile (all before any shard is written); `frame_samples` reads
+as the main process: `survey_pair` reads a pair's image header and its labels, checks them,
+measures the foreground of every tile and the intensity percentiles of every whole frame (all
+before any shard is written); `frame_samples` reads
 one band of tile rows of one frame, converts its labels, computes its weight map and cuts it
 into shard samples. Everything is read in bands of about `shard.region_pixels` pixels (rows plus
 a small halo, through the lazy readers), so a whole-slide image is tiled in bounded memory and
@@ -23,6 +24,7 @@ from unetdist.config import ShardConfig
 from unetdist.data import regions
 from unetdist.data.inputs import Pair
 from unetdist.data.labels import margin, to_classes, to_instances, weight_map
+from unetdist.data.normalize import MAX_PIXELS, PERCENTILE_GRID, image_percentiles
 from unetdist.data.readers import ImageSource
 from unetdist.data.regions import Layout
 from unetdist.data.foreground import foreground_mask
@@ -45,6 +47,7 @@ class PairSurvey:
     axes: str = ""
     pixel_size: dict[str, tuple[float, str]] = field(default_factory=dict)
     background: list[np.ndarray] | None = None  # per frame: tiles a low-res view shows as background only
+    percentiles: list[list[list[float]]] = field(default_factory=list)  # per frame, per channel: at PERCENTILE_GRID
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def sample_halo(shard: ShardConfig) -> int:
 
 
 def survey_pair(pair: Pair, shard: ShardConfig, num_classes: int) -> PairSurvey:
-    """Header, label checks and per-tile foreground of one pair, band by band; raises DataError naming the file."""
+    """Header, label checks and per-tile foreground of one pair, band by band, and each whole frame's
+    percentiles (never a band's); raises DataError naming the file."""
     image, layout, label, label_lay = _open(pair, shard.axes)
     class_pixels = np.zeros((layout.frames, num_classes), np.int64)
     xs = tile_starts(layout.width, shard.tile, shard.overlap)
@@ -106,8 +110,19 @@ def survey_pair(pair: Pair, shard: ShardConfig, num_classes: int) -> PairSurvey:
     background = None
     if shard.skip_background != "off":
         background = [_background_tiles(image, t, layout, shard) for t in range(layout.frames)]
+    percentiles = [frame_percentiles(image, layout, t) for t in range(layout.frames)]
     return PairSurvey(layout.frames, layout.channels, layout.height, layout.width, layout.dtype, class_pixels,
-                      foreground, layout.axes, layout.pixel_size, background)
+                      foreground, layout.axes, layout.pixel_size, background, percentiles)
+
+
+def frame_percentiles(image: ImageSource, layout: Layout, frame: int) -> list[list[float]]:
+    """Per channel, the percentiles (at `normalize.PERCENTILE_GRID`) of the WHOLE frame, not of a band.
+
+    Read through a lazy frame view: the regions sampled depend only on the frame's shape, so the values
+    are those of the frame read whole, in bounded memory for a whole-slide image.
+    """
+    view = regions.frame_view(image, layout, frame)
+    return image_percentiles(view, "CYX", PERCENTILE_GRID, MAX_PIXELS).tolist()
 
 
 def _background_tiles(image: ImageSource, frame: int, layout: Layout, shard: ShardConfig) -> np.ndarray:

@@ -3,17 +3,21 @@
 Shards hold raw tiles, not decoded images, so 8/12/16-bit data stays bit-exact: each sample is
 `<key>.img.npy` (C x T x T, the source dtype), `<key>.lbl.npy` (T x T uint8 classes), with weight
 maps `<key>.wgt.npy` (T x T float16), and `<key>.json` (source, source_index, frame for stacks,
-y, x, valid_h, valid_w, tile, split, foreground fraction, and the CRC-32 of every member so a
-reader can tell a damaged sample from a good one).
+y, x, valid_h, valid_w, tile, split, foreground fraction, the CRC-32 of every member so a reader
+can tell a damaged sample from a good one). The manifest's `image_percentiles.images[i][t]` holds,
+per channel, the percentiles (at `normalize.PERCENTILE_GRID`) of the whole frame t of input i
+(measured in the first pass through a lazy view of the frame, never per band), so training
+normalises a tile as prediction will normalise the whole image.
 
-Order of work: a first pass reads every label file and image header and checks them (shapes,
-frames, channels, dtypes, label values), so bad input stops with an error naming the file before
-any shard is written; a second pass tiles the frames, in worker processes when the input is
-large (`samples.frame_samples`), and the main process writes the results in a fixed order, so
-the shards are byte-identical whatever the number of processes. The split into train and
-validation is by source image, or for stacks by blocks of `frame_block` consecutive frames, or
-as an input list says, so no frame contributes tiles to both. Each tar is written under a `.tmp`
-name and renamed when complete; `manifest.json` is written last (and removed first), so an
+Order of work: a first pass reads every label file and image header and checks them (shapes, frames,
+channels, dtypes, label values), so bad input stops with an error naming the file before any shard
+is written; a second pass tiles the frames band by band (`data.shard.region_pixels`), in worker
+processes when the input is large (`samples.frame_samples`), and the main process writes the results
+in a fixed order, so the shards are byte-identical whatever the number of processes. The split into
+train and validation is by source image, or for stacks by blocks of `frame_block` consecutive
+frames, or as an input list says, so no frame contributes tiles to both. Everything is built in a
+temporary folder inside the output folder and swapped in only when complete (renames only; the old
+manifest goes first and the new one last), so an error never costs the dataset already there and an
 interrupted run never leaves a folder that looks like a complete dataset.
 
 Empty tiles: training tiles whose foreground fraction (of the part inside the image) is below
@@ -30,18 +34,21 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unetdist.config import ShardConfig
+from unetdist.config import ShardConfig, check_shard
 from unetdist.data.errors import DataError
 from unetdist.data import regions
 from unetdist.data.inputs import Pair, as_pairs, load_array, read_pairs
 from unetdist.data.labels import class_weights
 from unetdist.data.manifest import FORMAT
+from unetdist.data.normalize import MAX_PIXELS, PERCENTILE_GRID
 from unetdist.data.samples import FrameResult, FrameTask, PairSurvey, frame_bands, frame_samples, survey_pair
 from unetdist.data.sink import ShardSink, fsync
 from unetdist.data.stats import PERCENTILES, IntensityAccumulator
@@ -110,6 +117,14 @@ def _check_layout(pairs: list[Pair], surveys: list[PairSurvey]) -> None:
         if (survey.channels, survey.dtype) != (first.channels, first.dtype):
             raise DataError(f"{pair.image} has {survey.channels} channel(s) of {survey.dtype} but {pairs[0].image} "
                             f"has {first.channels} of {first.dtype}; all images of a dataset must agree")
+
+
+def _warn_small(pairs: list[Pair], surveys: list[PairSurvey], tile: int) -> None:
+    """Images smaller than a tile are reflect-padded into one: allowed (clear in the manifest), but worth a word."""
+    small = [f"{p.image} ({s.height} x {s.width})" for p, s in zip(pairs, surveys) if min(s.height, s.width) < tile]
+    if small:
+        log.warning("%d image(s) are smaller than the %d px tile and get reflect-padded tiles, e.g. %s; a smaller "
+                    "tile (--tile, data.shard.tile) wastes less", len(small), tile, small[0])
 
 
 def _tasks(split: str, units: list[Unit], pairs: list[Pair], surveys: list[PairSurvey], shard: ShardConfig,
@@ -205,12 +220,19 @@ def _workers(shard: ShardConfig, pairs: list[Pair]) -> int:
     return (os.cpu_count() or 1) if total > PARALLEL_BYTES else 1
 
 
-def _remove_previous(out_dir: Path) -> None:
-    """Drop an older manifest first (so a crash cannot pair it with new shards), then old shards."""
+def _swap_in(build: Path, out_dir: Path) -> None:
+    """Replace the dataset in `out_dir` by the complete one in `build`: only renames, no pixel is read.
+
+    The old manifest goes first (so a crash cannot pair it with new shards), then the old shards,
+    then the new shards move in and the new manifest last. Other files in `out_dir` are left alone.
+    """
     (out_dir / "manifest.json").unlink(missing_ok=True)
     for pattern in ("train-*.tar", "val-*.tar", "train-*.tar.tmp", "val-*.tar.tmp"):
         for path in out_dir.glob(pattern):
             path.unlink()
+    for path in sorted(build.glob("*.tar")):
+        os.replace(path, out_dir / path.name)
+    os.replace(build / "manifest.json", out_dir / "manifest.json")
 
 
 def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, shard: ShardConfig, num_classes: int,
@@ -220,6 +242,7 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
     `dataset` (name, source, licence, ...) is recorded in the manifest as given. Returns the
     manifest (also written to `out_dir/manifest.json`, last).
     """
+    check_shard(shard)
     pairs = as_pairs(pairs)
     if not pairs:
         raise DataError("no image/label pairs to shard (empty input)")
@@ -229,20 +252,43 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
     with _mapper(_workers(shard, pairs)) as mapper, _closing_images():
         surveys = list(mapper((survey_pair, p, shard, num_classes) for p in pairs))
         _check_layout(pairs, surveys)
+        _warn_small(pairs, surveys, shard.tile)
         units = assign_units(pairs, surveys, shard)
         tasks = {s: _tasks(s, units[s], pairs, surveys, shard, out_dir) for s in ("train", "val")}
         train_pixels = sum(surveys[i].class_pixels[t] for i, frames in units["train"] for t in frames)
         weights = class_weights(train_pixels, shard.class_balance) if shard.weight_map else None
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_previous(out_dir)
-        jobs = [(frame_samples, task, shard, num_classes, weights, shard.seed) for s in ("train", "val")
-                for task in tasks[s]]
-        results = _progress(mapper(jobs), len(jobs), progress)
-        splits = _write_splits(results, tasks, out_dir, shard, units, pairs, surveys)
-    manifest = {
+        build = Path(tempfile.mkdtemp(prefix=".unetdist-shard-", dir=out_dir))  # same file system: renames
+        try:
+            jobs = [(frame_samples, task, shard, num_classes, weights, shard.seed) for s in ("train", "val")
+                    for task in tasks[s]]
+            results = _progress(mapper(jobs), len(jobs), progress)
+            splits = _write_splits(results, tasks, build, shard, units, pairs, surveys, out_dir)
+            manifest = _manifest(shard, num_classes, surveys, pairs, splits, weights, dataset)
+            _check_output(manifest, pairs, surveys, shard)
+            tmp = build / "manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            fsync(tmp)
+            os.replace(tmp, build / "manifest.json")
+            _swap_in(build, out_dir)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    log.info("wrote %d train tiles in %d shards and %d val tiles in %d shards to %s", manifest["train"]["samples"],
+             len(manifest["train"]["shards"]), manifest["val"]["samples"], len(manifest["val"]["shards"]), out_dir)
+    return manifest
+
+
+def _manifest(shard: ShardConfig, num_classes: int, surveys: list[PairSurvey], pairs: list[Pair],
+              splits: dict[str, Any], weights: np.ndarray | None, dataset: dict[str, Any] | None) -> dict[str, Any]:
+    splits = dict(splits)
+    stats = splits.pop("stats")
+    # [input][frame]: C x len(grid), of whole frames (measured by survey_pair, never per band)
+    percentiles = {"percentiles": list(PERCENTILE_GRID), "max_pixels": MAX_PIXELS,
+                   "images": [s.percentiles for s in surveys]}
+    return {
         "format": FORMAT, "tile": shard.tile, "overlap": shard.overlap, "channels": surveys[0].channels,
         "dtype": surveys[0].dtype, "num_classes": num_classes, "val_fraction": shard.val_fraction,
-        "seed": shard.seed, "stats": splits.pop("stats"), **splits,
+        "seed": shard.seed, "stats": stats, **splits,
         "tile_shape": [surveys[0].channels, shard.tile, shard.tile], "label_dtype": "uint8",
         "axes": shard.axes, "labels": shard.labels, "frame_block": shard.frame_block,
         "filter": {"min_foreground": shard.min_foreground, "empty_keep": shard.empty_keep},
@@ -250,19 +296,21 @@ def write_shards(pairs: list[Pair] | list[tuple[Path, Path]], out_dir: Path, sha
                        "class_balance": shard.class_balance, "dtype": "float16",
                        "class_weights": None if weights is None else weights.tolist()},
         "checksum": "crc32",
+        "image_percentiles": percentiles,
         "inputs": [{"image": str(p.image), "label": str(p.label), "frames": s.frames, "channels": s.channels,
                     "height": s.height, "width": s.width, "axes": s.axes,
                     "pixel_size": {a: list(v) for a, v in s.pixel_size.items()}} for p, s in zip(pairs, surveys)],
         "pixel_size": _common_pixel_size(surveys),
         "dataset": dataset or {},
     }
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    fsync(tmp)
-    os.replace(tmp, out_dir / "manifest.json")
-    log.info("wrote %d train tiles in %d shards and %d val tiles in %d shards to %s", manifest["train"]["samples"],
-             len(manifest["train"]["shards"]), manifest["val"]["samples"], len(manifest["val"]["shards"]), out_dir)
-    return manifest
+
+
+def _check_output(manifest: dict[str, Any], pairs: list[Pair], surveys: list[PairSurvey], shard: ShardConfig) -> None:
+    """0 training tiles cannot train (an error, before the old dataset is replaced)."""
+    if manifest["train"]["samples"] == 0:
+        raise DataError(f"no training tiles: all {manifest['train']['rejected_empty']} were rejected as empty "
+                        f"(min_foreground={shard.min_foreground}, empty_keep={shard.empty_keep}); lower "
+                        "--min-foreground or raise --empty-keep")
 
 
 def _common_pixel_size(surveys: list[PairSurvey]) -> dict[str, list] | None:
@@ -282,13 +330,16 @@ def _band_tiles(task: FrameTask, survey: PairSurvey, shard: ShardConfig) -> int:
     return len(band.starts) * len(tile_starts(survey.width, shard.tile, shard.overlap))
 
 
-def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTask]], out_dir: Path,
+def _write_splits(results: Iterable[FrameResult], tasks: dict[str, list[FrameTask]], build: Path,
                   shard: ShardConfig, units: dict[str, list[Unit]], pairs: list[Pair],
-                  surveys: list[PairSurvey]) -> dict[str, Any]:
-    """Consume the frame results in task order into one sink per split; delete everything on failure."""
+                  surveys: list[PairSurvey], out_dir: Path) -> dict[str, Any]:
+    """Consume the band results in task order into one sink per split in `build`; delete them on failure.
+
+    Source names are relative to `out_dir`, the dataset's final folder.
+    """
     expected = {s: sum(sum(t.keep) if t.keep is not None else _band_tiles(t, surveys[t.index], shard)
                        for t in tasks[s]) for s in tasks}
-    sinks = {s: ShardSink(out_dir, s, shard.shard_bytes,
+    sinks = {s: ShardSink(build, s, shard.shard_bytes,
                           math.ceil(expected[s] / shard.min_shards) if shard.min_shards > 1 else None) for s in tasks}
     stats = IntensityAccumulator(shard.seed)
     pixels = {s: np.zeros(surveys[0].class_pixels.shape[1], np.int64) for s in tasks}

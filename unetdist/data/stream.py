@@ -12,7 +12,9 @@ filled up with the epoch's first samples). Each rank reads only the partitions o
 shards sequentially, holding one shuffle block of raw samples per partition. DataLoader worker w
 builds the rank's batches start + w, start + w + workers, ... (the order in which a DataLoader
 collects them), reading past the other workers' samples raw; resuming at batch k reads raw
-samples up to it and decodes only what it yields.
+samples up to it and decodes only what it yields. Each sample is normalised (`data/normalize.py`:
+by default with the percentiles of the tile's whole source frame, from the manifest) before the
+intensity augmentation, in training and validation alike.
 
 Validation, per rank: (rank, worker) slots share the shards: with at least as many shards as
 slots, slot s reads shards s, s + slots, ...; with fewer, the slots mapped to one shard take
@@ -32,6 +34,7 @@ Batches: {"image": float32 [B, C, T, T], "label": int64 [B, T, T], "weight": flo
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -45,7 +48,8 @@ from unetdist.config import AugmentConfig, DataConfig
 from unetdist.data.augment import as_augment_config, augment_code, draw_spatial, intensity, sample_rng, spatial
 from unetdist.data.augment_batch import pack_draw
 from unetdist.data.errors import DataError
-from unetdist.data.manifest import IntensityStats, Manifest, normalize, open_manifest
+from unetdist.data.manifest import IntensityStats, Manifest, open_manifest
+from unetdist.data.normalize import Normalization, grid_bounds, grid_columns, normalize
 from unetdist.data.order import EpochOrder, auto_partitions, check_layout, epoch_order, rank_slots
 from unetdist.data.reader import BadSample, ErrorCallback, SkipLog, decode, shard_samples
 from unetdist.data.remote import ShardOpener, retries_so_far
@@ -74,15 +78,44 @@ def _decode(sample: dict[str, Any], num_classes: int, weights: bool) -> tuple[np
     return image, label, weight
 
 
-Item = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None"]
+@dataclass(frozen=True)
+class Normalizer:
+    """The normalisation of a run, and in percentile mode the (low, high) percentiles of every source frame."""
+
+    norm: Normalization
+    bounds_of: dict[tuple[int, int], np.ndarray] | None = None  # (source_index, frame) -> C x 2
+
+    @classmethod
+    def of(cls, data: DataConfig, manifest: Manifest) -> Normalizer:
+        norm = manifest.normalization(data.normalize)
+        if norm.mode == "dataset":
+            return cls(norm)
+        columns = grid_columns(manifest.image_percentiles, norm.percentiles, manifest.root)
+        images = manifest.raw["image_percentiles"]["images"]
+        return cls(norm, {(i, t): grid_bounds(frame, columns) for i, frames in enumerate(images)
+                          for t, frame in enumerate(frames) if frame is not None})
+
+    def bounds(self, sample: dict[str, Any]) -> np.ndarray | None:
+        """The percentiles of the whole frame a tile was cut from (None in dataset mode)."""
+        if self.bounds_of is None:
+            return None
+        try:
+            meta = json.loads(sample["json"])
+            return self.bounds_of[int(meta["source_index"]), int(meta.get("frame", 0))]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadSample(f"sample {sample.get('__key__')}: its source image has no percentiles in the "
+                            f"manifest ({exc!r})") from exc
+
+
+Item = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 
 class BatchBuffer:
     """One batch assembled in place: each sample is normalised (and intensity-augmented) straight into
     preallocated arrays, and flipped tiles are copied from views, so no per-sample copies and no stacking."""
 
-    def __init__(self, size: int, stats: IntensityStats) -> None:
-        self.size, self.stats = size, stats
+    def __init__(self, size: int, norm: Normalization) -> None:
+        self.size, self.norm = size, norm
         self.keys: list[str] = []
         self.image: np.ndarray | None = None
         self.label: np.ndarray | None = None
@@ -93,8 +126,13 @@ class BatchBuffer:
         return len(self.keys)
 
     def add(self, key: str, image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
-            post: Callable[[np.ndarray], Any] | None = None, spatial: np.ndarray | None = None) -> None:
-        """Write one sample; `post` then changes its normalised image in place. BadSample if it does not fit."""
+            bounds: np.ndarray | None = None, post: Callable[[np.ndarray], Any] | None = None,
+            spatial: np.ndarray | None = None) -> None:
+        """Write one sample; `post` then changes its normalised image in place. BadSample if it does not fit.
+
+        `bounds`: the per-image percentiles of the tile's source image (percentile mode).
+        `spatial`: the drawn geometry, when the trainer applies it to the batch on its device.
+        """
         if self.image is None:
             self.image = np.empty((self.size, *image.shape), np.float32)
             self.label = np.empty((self.size, *label.shape), np.int64)
@@ -104,7 +142,7 @@ class BatchBuffer:
             raise BadSample(f"sample {key}: image {image.shape} (weight map: {weight is not None}) does not fit "
                             f"the batch's {self.image.shape[1:]} (weight map: {self.weight is not None})")
         n = len(self.keys)
-        normalize(image, self.stats, out=self.image[n])
+        normalize(image, self.norm, bounds, out=self.image[n])
         if post is not None:
             post(self.image[n])
         np.copyto(self.label[n], label)  # uint8 -> int64 in the same pass
@@ -137,7 +175,7 @@ class TrainPlan:
 
     urls: list[str]
     counts: list[int]  # samples per shard
-    stats: IntensityStats
+    normalizer: Normalizer
     batch_size: int  # per rank
     world_size: int
     rank: int
@@ -243,10 +281,10 @@ class RankBatches:
         skipped = len(items) - len(good)
         good = good or [self.spare]  # type: ignore[list-item]
         self.spare = good[-1]
-        batch = BatchBuffer(p.batch_size, p.stats)
+        batch = BatchBuffer(p.batch_size, p.normalizer.norm)
         for n, ((part, pos), item) in enumerate(zip(places, items)):
-            key, image, label, weight = item if item is not None else good[n % len(good)]
-            _add_augmented(batch, p, part, pos, key, image, label, weight)
+            key, image, label, weight, bounds = item if item is not None else good[n % len(good)]
+            _add_augmented(batch, p, part, pos, key, image, label, weight, bounds)
         retries = retries_so_far()
         out = batch.tensors(skipped)
         out["retries"], self.retries = torch.tensor(retries - self.retries, dtype=torch.int64), retries
@@ -263,27 +301,29 @@ class RankBatches:
             image, label, weight = _decode(sample, self.plan.num_classes, self.plan.weights)
             if image.shape != self.plan.shape:
                 raise BadSample(f"sample {sample['__key__']}: image {image.shape} is not the dataset's {self.plan.shape}")
+            bounds = self.plan.normalizer.bounds(sample)  # the percentiles of the tile's whole source frame
         except BadSample as exc:
             self.shard_errors(str(sample.get("__url__")), str(exc))
             return None
-        return sample["__key__"], image, label, weight
+        return sample["__key__"], image, label, weight, bounds
 
 
 def _add_augmented(batch: BatchBuffer, plan: TrainPlan, partition: int, position: int, key: str,
-                   image: np.ndarray, label: np.ndarray, weight: np.ndarray | None) -> None:
+                   image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
+                   bounds: np.ndarray | None) -> None:
     """Geometry on the raw tile, normalisation, then intensity changes; all seeded by the sample's place."""
     aug = plan.augment
     if not aug.enabled:
-        batch.add(key, image, label, weight)
+        batch.add(key, image, label, weight, bounds)
         return
     rng = sample_rng(plan.seed, 0, partition, plan.epoch, position)
     code = augment_code(plan.seed, 0, partition, plan.epoch, position)
     if aug.device != "cpu":  # the trainer resamples the batch on its device (unetdist.data.augment_batch)
         drawn = pack_draw(draw_spatial(rng, aug, code, label), aug.elastic_grid)
-        batch.add(key, image, label, weight, post=lambda out: intensity(rng, aug, out), spatial=drawn)
+        batch.add(key, image, label, weight, bounds, post=lambda out: intensity(rng, aug, out), spatial=drawn)
         return
     image, label, weight = spatial(rng, aug, code, image, label, weight, copy=False)
-    batch.add(key, image, label, weight, post=lambda out: intensity(rng, aug, out))
+    batch.add(key, image, label, weight, bounds, post=lambda out: intensity(rng, aug, out))
 
 
 class TrainStream(IterableDataset):
@@ -312,27 +352,27 @@ def val_assignment(shards: int, slots: int, slot: int) -> list[tuple[int, int, i
 class ValStream(IterableDataset):
     """One rank's share of the validation tiles, in a fixed order, without augmentation."""
 
-    def __init__(self, manifest: Manifest, batch_size: int, rank: int, world_size: int, lanes: int,
-                 opener: ShardOpener) -> None:
+    def __init__(self, manifest: Manifest, normalizer: Normalizer, batch_size: int, rank: int, world_size: int,
+                 lanes: int, opener: ShardOpener) -> None:
         self.opener = opener
-        self.urls, self.counts, self.stats = list(manifest.val_shards), manifest.val_shard_samples, manifest.stats
+        self.urls, self.counts, self.normalizer = list(manifest.val_shards), manifest.val_shard_samples, normalizer
         self.num_classes, self.weights, self.batch_size = manifest.num_classes, manifest.weights, batch_size
         self.rank, self.world_size, self.lanes = rank, world_size, lanes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         skips = SkipLog("validation")
         ready: BatchBuffer | None = None  # a full batch held back, so the last batch also counts skips after it
-        batch = BatchBuffer(self.batch_size, self.stats)
-        for key, image, label, weight in self._items(skips):
+        batch = BatchBuffer(self.batch_size, self.normalizer.norm)
+        for key, image, label, weight, bounds in self._items(skips):
             try:
-                batch.add(key, image, label, weight)
+                batch.add(key, image, label, weight, bounds)
             except BadSample as exc:
                 skips(key, str(exc))
                 continue
             if len(batch) == self.batch_size:
                 if ready is not None:
                     yield ready.tensors(skips.take())
-                ready, batch = batch, BatchBuffer(self.batch_size, self.stats)
+                ready, batch = batch, BatchBuffer(self.batch_size, self.normalizer.norm)
         for last in [b for b in (ready, batch) if b is not None and len(b)]:
             yield last.tensors(skips.take())
 
@@ -348,10 +388,11 @@ class ValStream(IterableDataset):
                     continue
                 try:
                     image, label, weight = _decode(sample, self.num_classes, self.weights)
+                    bounds = self.normalizer.bounds(sample)
                 except BadSample as exc:
                     skips(str(sample.get("__url__")), str(exc))
                     continue
-                yield sample["__key__"], image, label, weight
+                yield sample["__key__"], image, label, weight, bounds
 
 
 def _ignore(where: str, problem: str) -> None:
@@ -401,7 +442,8 @@ def train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size:
     total = batches_per_epoch(data, manifest, world_size)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch must be in [0, {total}] (batches per epoch), got {start_batch}")
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=list(manifest.train_shard_samples), stats=manifest.stats,
+    plan = TrainPlan(urls=list(manifest.train_shards), counts=list(manifest.train_shard_samples),
+                     normalizer=Normalizer.of(data, manifest),
                      batch_size=data.batch_size, world_size=world_size, rank=rank, partitions=partitions,
                      shuffle_buffer=data.shuffle_buffer, augment=augment, num_classes=manifest.num_classes,
                      shape=(manifest.channels, manifest.tile, manifest.tile), weights=manifest.weights, seed=seed,
@@ -417,6 +459,6 @@ def val_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: i
     """
     _check_rank(rank, world_size)
     _check_shards(manifest.val_shards, manifest.val_samples, "validation", manifest.root)
-    dataset = ValStream(manifest, data.batch_size, rank, world_size, max(1, data.workers),
-                        ShardOpener.from_config(data))
+    dataset = ValStream(manifest, Normalizer.of(data, manifest), data.batch_size, rank, world_size,
+                        max(1, data.workers), ShardOpener.from_config(data))
     return _loader(dataset, data.workers, pin_memory)

@@ -42,16 +42,34 @@ def evaluate_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     labels = expand_inputs(args.labels)
     images = expand_inputs(args.images) if args.images else None
+    preds = expand_inputs(args.pred) if args.pred is not None else None
+    labels, images, preds = _pair_for_evaluation(args, labels, images, preds)
     opts = EvalOptions(num_classes=args.num_classes, label_type=args.label_type, iou_threshold=args.iou_threshold,
                        interior_class=args.interior_class, min_size=args.min_size, overlays=args.overlays)
     if args.pred is not None:
-        metrics = evaluate_files(expand_inputs(args.pred), labels, out, opts, images)
+        metrics = evaluate_files(preds, labels, out, opts, images)
         _print(metrics, out)
         return 0
-    if images is not None and len(images) != len(labels):
-        raise UsageError(f"{len(images)} images but {len(labels)} label files; they are matched in sorted order, "
-                         "so the counts must be equal")
     return _predict_then_evaluate(args, labels, images or [], opts, out)
+
+
+def _pair_for_evaluation(args: argparse.Namespace, labels: list[Path], images: list[Path] | None,
+                         preds: list[Path] | None) -> tuple[list[Path], list[Path] | None, list[Path] | None]:
+    """Labels, images and predictions in matching order, paired by name (never by position)."""
+    from unetdist.data.inputs import pair_files
+
+    def single(patterns: list[str]) -> str | None:
+        return patterns[0] if len(patterns) == 1 else None
+
+    if preds is not None:  # `unetdist predict` writes NAME_labels.tif
+        pairs = pair_files(preds, labels, single(args.pred), single(args.labels), args.mask_suffix, "_labels",
+                           ("prediction", "label"))
+        preds, labels = [p for p, _ in pairs], [l for _, l in pairs]
+    if images is not None:
+        pairs = pair_files(images, labels, single(args.images), single(args.labels), args.mask_suffix)
+        by_label = {l: i for i, l in pairs}
+        images = [by_label[l] for l in labels]
+    return labels, images, preds
 
 
 def _predict_then_evaluate(args: argparse.Namespace, labels: list[Path], images: list[Path], opts: EvalOptions,

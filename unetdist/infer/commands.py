@@ -73,8 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="Dice, IoU and instance F1 of predictions against label images",
                        description="Score label images written by `unetdist predict` (--pred), or run a model "
-                                   "first (--model with --images). Files are matched in sorted order.")
-    p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices)")
+                                   "first (--model with --images). Labels are paired with images and predictions by name.")
+    p.add_argument("--labels", nargs="+", required=True, help="true label images (class indices), paired by name: "
+                   "NAME.tif with NAME_masks.tif (--mask-suffix) or NAME_labels.tif (predictions), the same NAME "
+                   "in another folder, or what a glob's * matches")
+    p.add_argument("--mask-suffix", default="_masks", help="label names are image names plus this suffix")
     p.add_argument("--pred", nargs="+", help="predicted label images")
     model_option(p, required=False)  # predict with it first
     deprecated_alias(p, "--checkpoint", "--model")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unetdist.config import UserError
-from unetdist.data.manifest import IntensityStats
+from unetdist.data.normalize import IntensityStats, Normalization
 from unetdist.model import UNet
 from unetdist.train.checkpoint import MODEL_FORMAT as FORMAT  # one definition, shared with `unetdist export`
 from unetdist.train.checkpoint import CheckpointError, read_newest
@@ -57,17 +57,21 @@ class ModelInfo:
         return int(self.hparams["num_classes"])
 
 
-def model_file_state(model: UNet, stats: IntensityStats | dict[str, Any], data: dict[str, Any] | None = None,
-                     step: int | None = None) -> dict[str, Any]:
+def model_file_state(model: UNet, stats: Normalization | IntensityStats | dict[str, Any],
+                     data: dict[str, Any] | None = None, step: int | None = None) -> dict[str, Any]:
     """The dict that `torch.save` writes as an exported model file (format ``unetdist-model-v1``).
 
-    Built by `unetdist.train.checkpoint.model_file_state`, the one definition of the format;
+    `stats`: the normalisation (dataset statistics alone mean the ``dataset`` mode). Built by
+    `unetdist.train.checkpoint.model_file_state`, the one definition of the format;
     `unetdist.train.checkpoint.write_model_file` writes it atomically.
     """
+    extra = {}
+    if isinstance(stats, Normalization):
+        extra, stats = {"normalization": stats.to_dict()}, stats.stats
     if isinstance(stats, IntensityStats):
-        stats = {"low": list(stats.low), "high": list(stats.high), "clipped_mean": list(stats.clipped_mean),
-                 "clipped_std": list(stats.clipped_std)}
-    return _model_file_state(model.state_dict(), model.hparams, {**(data or {}), "stats": dict(stats)}, step=step)
+        stats = stats.to_dict()
+    return _model_file_state(model.state_dict(), model.hparams, {**(data or {}), "stats": dict(stats), **extra},
+                             step=step)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], Path, str]:
@@ -82,8 +86,8 @@ def _read(path: Path) -> tuple[dict[str, Any], Path, str]:
         raise ModelFileError(f"{path}: cannot be read as a DeepSpeed checkpoint ({exc})") from exc
 
 
-def load_model_file(path: str | Path) -> tuple[UNet, IntensityStats, ModelInfo]:
-    """Load a UNet, the normalisation it was trained with, and where it came from.
+def load_model_file(path: str | Path) -> tuple[UNet, Normalization, ModelInfo]:
+    """Load a UNet, the normalisation it was trained with (`Normalization`), and where it came from.
 
     Accepted: a DDP checkpoint ``runs/x/checkpoints/step_N.pt``; a run folder or its
     checkpoints folder (the newest checkpoint that reads; damaged newer ones are reported); a DeepSpeed checkpoint folder ``step_N`` at any
@@ -96,7 +100,9 @@ def load_model_file(path: str | Path) -> tuple[UNet, IntensityStats, ModelInfo]:
          "model_hparams": {"in_channels": 1, "num_classes": 2, "base_width": 64, "depth": 4,
                            "bilinear": False, "norm": "batch"},   # UNet(**model_hparams)
          "data": {"stats": {"low": [...], "high": [...],          # one value per channel, see
-                            "clipped_mean": [...], "clipped_std": [...]},  # unetdist.data.manifest.normalize
+                            "clipped_mean": [...], "clipped_std": [...]},  # training set statistics
+                  "normalization": {"mode": "percentile",  # or {"mode": "dataset"}; absent: dataset
+                                    "percentiles": [1.0, 99.8], "max_pixels": 4000000},
                   ...},                                # optionally the rest of manifest.checkpoint_info()
          "config": {...},                              # optional: the training run's resolved config
          "step": 1000}                                 # optional
@@ -116,7 +122,7 @@ def load_model_file(path: str | Path) -> tuple[UNet, IntensityStats, ModelInfo]:
         raise ModelFileError(f"{file}: no 'model_hparams' entry; it is not a unetdist checkpoint or model file "
                              f"(top-level keys: {', '.join(sorted(map(str, state)))})")
     model = _build(hparams, weights, file)
-    stats = _stats(state, file, model.hparams["in_channels"])
+    stats = _normalization(state, file, model.hparams["in_channels"])
     step = state.get("step")
     info = ModelInfo(file, kind, None if step is None else int(step), dict(model.hparams), dict(state.get("data") or {}))
     log.info("loaded %s (%s, step %s): UNet %s", file, kind, info.step, model.hparams)
@@ -157,7 +163,8 @@ def _build(hparams: dict[str, Any], weights: dict[str, torch.Tensor], file: Path
     return model.eval()
 
 
-def _stats(state: dict[str, Any], file: Path, channels: int) -> IntensityStats:
+def _normalization(state: dict[str, Any], file: Path, channels: int) -> Normalization:
+    """The transform the model was trained with (`unetdist.data.normalize`), checked against the model."""
     raw = (state.get("data") or {}).get("stats")
     if raw is None:
         raise ModelFileError(f"{file}: no normalisation statistics (data.stats); the model cannot be fed images "
@@ -168,4 +175,7 @@ def _stats(state: dict[str, Any], file: Path, channels: int) -> IntensityStats:
         raise ModelFileError(f"{file}: data.stats is malformed ({exc!r})") from exc
     if len(stats.low) != channels:
         raise ModelFileError(f"{file}: data.stats has {len(stats.low)} channel(s) but the model takes {channels}")
-    return stats
+    try:
+        return Normalization.from_dict((state.get("data") or {}).get("normalization"), stats)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{file}: data.normalization is malformed ({exc})") from exc

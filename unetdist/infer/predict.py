@@ -10,19 +10,23 @@ to the sums of the whole frame (`finalize` divides).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from unetdist.config import UsageError
-from unetdist.data.manifest import IntensityStats, normalize
+from unetdist.data.normalize import IntensityStats, Normalization, normalize, unusual_intensity
 from unetdist.infer.windows import (BLENDS, Window, WindowGrid, check_tiling, default_margin, edge_weight, inner_edges,
                                    window_grid)
 from unetdist.model import UNet
 from unetdist.parallel.precision import resolve_inference_precision
+
+log = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
@@ -95,20 +99,25 @@ class SlidingWindowPredictor:
 
     Args:
         model: the UNet (put in eval mode and moved to `device` here).
-        stats: the training normalisation, applied to the raw pixels of each window's band.
+        norm: the training normalisation (`unetdist.data.normalize`), applied to the raw pixels of each
+            window's band; in percentile mode with the percentiles of the whole frame. Dataset
+            statistics alone mean the ``dataset`` mode.
         options: see `PredictOptions`.
         device: where the model runs; blending happens on the CPU.
     """
 
-    def __init__(self, model: UNet, stats: IntensityStats, options: PredictOptions, device: torch.device) -> None:
+    def __init__(self, model: UNet, norm: Normalization | IntensityStats, options: PredictOptions,
+                 device: torch.device) -> None:
         options.validate()
         self.model = model.eval().to(device)
-        self.stats, self.options, self.device = stats, options, device
+        self.norm = norm if isinstance(norm, Normalization) else Normalization("dataset", norm)
+        self.options, self.device = options, device
         self.num_classes = int(model.hparams["num_classes"])
         self.align = 2 ** int(model.hparams["depth"])
         self.min_side = self.align * (2 if model.hparams["norm"] == "instance" else 1)
         self.amp_dtype = resolve_inference_precision(options.precision, device)  # auto: bf16 only where native
         self._weights: dict[tuple, torch.Tensor] = {}
+        self._bounds: tuple[Any, np.ndarray | None] | None = None  # (frame, its percentiles): see frame_bounds
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """Frames smaller than the model's minimum input are reflect-padded at the bottom/right to it."""
@@ -133,7 +142,7 @@ class SlidingWindowPredictor:
         grid = self.grid(height, width)
         rows, cols = rows or (0, grid.rows), cols or (0, len(grid.xs))
         (y0, y1), (x0, x1) = grid.band(rows), grid.columns(cols)
-        image = self._normalized(_Columns(frame, x0, min(x1, width)), y0, y1, x1 - x0)
+        image = self._normalized(_Columns(frame, x0, min(x1, width)), y0, y1, x1 - x0, self.frame_bounds(frame))
         acc = torch.zeros(self.num_classes, y1 - y0, x1 - x0)
         weight = torch.zeros(y1 - y0, x1 - x0)
         windows = grid.windows(rows, cols)
@@ -151,6 +160,17 @@ class SlidingWindowPredictor:
                 progress(len(batch))
         return Band(y0, y1, acc, weight, x0)
 
+    def frame_bounds(self, frame: Any) -> np.ndarray | None:
+        """The whole frame's percentiles for percentile normalisation, computed once per frame object.
+
+        A streamed frame is normalised band by band and column block by column block; every band must
+        use the same values, those of the whole frame (sampled regions above a size, so the cost does
+        not grow with the frame).
+        """
+        if self._bounds is None or self._bounds[0] is not frame:
+            self._bounds = (frame, self.norm.bounds(frame))
+        return self._bounds[1]
+
     def finalize(self, acc: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Logits = acc / weight, cropped to the frame's `height` x `width`."""
         if not bool((weight > 0).all()):
@@ -164,10 +184,13 @@ class SlidingWindowPredictor:
             self._weights[key] = torch.from_numpy(edge_weight(*key[:2], o.blend, o.resolved_margin, key[2]).copy())
         return self._weights[key]
 
-    def _normalized(self, frame: Any, y0: int, y1: int, padded_width: int) -> np.ndarray:
-        """float32 normalised rows [y0, y1) of the frame, reflect-padded to `padded_width` if the frame is smaller."""
+    def _normalized(self, frame: Any, y0: int, y1: int, padded_width: int, bounds: np.ndarray | None) -> np.ndarray:
+        """float32 normalised rows [y0, y1) of the frame, reflect-padded to `padded_width` if the frame is smaller.
+
+        `bounds` are the whole frame's percentiles (percentile mode), never the band's or the column block's.
+        """
         height, width = frame.shape[-2:]
-        part = normalize(frame[:, y0:min(y1, height)], self.stats)
+        part = normalize(frame[:, y0:min(y1, height)], self.norm, bounds)
         pad_h, pad_w = (y1 - y0) - part.shape[-2], padded_width - width
         if pad_h or pad_w:
             part = np.pad(part, [(0, 0), (0, pad_h), (0, pad_w)], mode="reflect")
@@ -188,3 +211,16 @@ class SlidingWindowPredictor:
                 total = out if total is None else total + out
         assert total is not None
         return (total / len(flips)).cpu()
+
+
+def warn_unusual_intensity(path: Path, frames: Iterable[np.ndarray], norm: Normalization | IntensityStats,
+                           trained_dtype: str = "") -> bool:
+    """Log one warning naming `path` when one of its C x H x W frames is far from the model's training
+    intensities (see `unetdist.data.normalize.unusual_intensity`); True if it warned."""
+    norm = norm if isinstance(norm, Normalization) else Normalization("dataset", norm)
+    for t, frame in enumerate(frames):
+        problem = unusual_intensity(frame, norm, trained_dtype)
+        if problem:
+            log.warning("%s%s: %s", path, f" (frame {t})" if t else "", problem)
+            return True
+    return False

@@ -26,7 +26,7 @@ from unetdist.infer.instances import label_instances
 from unetdist.infer.io import expand_inputs
 from unetdist.infer.model_file import load_model_file
 from unetdist.infer.plan import Unit, owner, runs, split_units
-from unetdist.infer.predict import PredictOptions, SlidingWindowPredictor
+from unetdist.infer.predict import PredictOptions, SlidingWindowPredictor, warn_unusual_intensity
 from unetdist.infer.source import InputImage, open_input
 from unetdist.infer.store import OutputSpec, WorkStore, finish, fingerprint, output_name
 from unetdist.infer.stream import stream_logits
@@ -54,6 +54,8 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
     model_id = {"path": str(info.path), "step": info.step, "hparams": info.hparams}
     run_options = {**asdict(options), "margin": options.resolved_margin, "batch_size": None}
     agreed = _agreed_inputs(env, inputs, info.in_channels, out_dir, axes, outputs, model_id, run_options)
+    if env.is_main:
+        _warn_unusual(agreed, info, predictor, axes)
     stores = [_store(path, info.in_channels, axes, out_dir, outputs, predictor.num_classes) for path, _ in agreed]
     todo = [Unit(i, f, r, _cost(predictor, stores[i], r, c), c)
             for i, (_, done) in enumerate(agreed) for f, r, c in stores[i].units if (f, r, c) not in done]
@@ -80,6 +82,13 @@ def predict_files(model_path: str | Path, inputs: list[str], out_dir: Path, opti
         log.info("predicted %d file(s), %.2f megapixels in %.2f s: %.3f megapixels/s on %d rank(s)",
                  len(stores), summary["megapixels"], seconds, summary["megapixels_per_s"], env.world_size)
     return {**summary, "written": [str(p) for p in written]}
+
+
+def _warn_unusual(agreed: list[tuple[Path, Any]], info: Any, predictor: SlidingWindowPredictor, axes: str) -> None:
+    """One warning per input whose first frame's intensities are far from the training images' (sampled regions)."""
+    for path, _ in agreed:
+        with open_input(path, info.in_channels, axes) as image:
+            warn_unusual_intensity(path, [image.frame(0)], predictor.norm, str(info.data.get("dtype", "")))
 
 
 def _agreed_inputs(env: DistEnv, inputs: list[str], in_channels: int, out_dir: Path, axes: str, outputs: OutputSpec,

@@ -95,6 +95,7 @@ class FrameView:
         self.array, self.axes, self.index = array, axes, index
         sizes = dict(zip(axes, (int(n) for n in array.shape)))
         self.shape = (sizes.get("C", 1), sizes["Y"], sizes["X"])
+        self.dtype = np.dtype(array.dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)

@@ -198,7 +198,7 @@ def train_step_flops_for(model: Mapping[str, Any], height: int, width: int, batc
     """:func:`train_step_flops` for a model given by its hyper-parameters.
 
     Args:
-        model: ``dataclasses.asdict(cfg.model)`` or ``UNet.hparams``; keys the count does not
+        model: ``cfg.model.hparams()`` or ``UNet.hparams``; keys the count does not
             depend on (``norm``: normalisation is not counted) are ignored.
         height, width, batch: the per-device batch of one optimizer step (with gradient
             accumulation, the micro-batches together: the count is linear in the batch).

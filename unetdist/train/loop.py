@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -43,6 +43,7 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     lock = _lock(env, run_dir)
     try:
         manifest = _open_data(cfg)
+        cfg = replace(cfg, model=replace(cfg.model, in_channels=manifest.channels, num_classes=manifest.num_classes))
         if env.is_main:
             per_worker = batches_per_epoch(cfg.data, manifest, env.world_size) * cfg.data.batch_size // max(1, cfg.data.workers)
             warn_if_overloaded(env.local_world_size, cfg.data.workers, cfg.data.shuffle_buffer,
@@ -113,7 +114,7 @@ def _hparams(cfg: Config, env: DistEnv, manifest: Manifest) -> dict[str, float |
 def _open_data(cfg: Config) -> Manifest:
     root = ensure_dataset(cfg.data, cfg.model.num_classes)
     manifest = open_manifest(root, cfg.data)
-    if manifest.channels != cfg.model.in_channels:
+    if cfg.model.in_channels is not None and manifest.channels != cfg.model.in_channels:
         raise ConfigError(
             f"data in {root} has {manifest.channels} channel(s) but model.in_channels={cfg.model.in_channels}; "
             f"set model.in_channels={manifest.channels}"
@@ -124,7 +125,7 @@ def _open_data(cfg: Config) -> Manifest:
     if manifest.tile != cfg.data.shard.tile:
         raise ConfigError(f"data.shard.tile={cfg.data.shard.tile} but the dataset in {root} was cut into "
                           f"{manifest.tile}-px tiles; set data.shard.tile={manifest.tile}, or re-shard the images")
-    if manifest.num_classes != cfg.model.num_classes:
+    if cfg.model.num_classes is not None and manifest.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"data in {root} has {manifest.num_classes} classes but model.num_classes={cfg.model.num_classes}; "
             f"set model.num_classes={manifest.num_classes}"
@@ -206,7 +207,7 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
             step = trainer.step
             if _due(step, cfg.train.log_every, total):
                 height, width = batch["image"].shape[-2:]
-                flops = step_flops_per_image(asdict(cfg.model), height, width, cfg.train.activation_checkpointing)
+                flops = step_flops_per_image(cfg.model.hparams(), height, width, cfg.train.activation_checkpointing)
                 values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
                 logger.scalars(step, values, "train")
                 logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
@@ -246,6 +247,6 @@ def _validate(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, l
 
 
 def _save(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, ckpt_dir: Path) -> None:
-    info = manifest.checkpoint_info()
+    info = manifest.checkpoint_info(cfg.data.normalize)
     trainer.save(ckpt_dir, {"data": info, "fingerprint": current(cfg, info, env.world_size)})  # collective: every rank takes part
     barrier(env)

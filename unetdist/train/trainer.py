@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -107,7 +106,7 @@ class Trainer:
         module = self.engine.eval_module()
         module.eval()
         broadcast_(self.env, module.buffers())  # rank 0's BatchNorm statistics everywhere, as checkpoints hold them
-        counter = ConfusionCounter(self.cfg.model.num_classes, self.env.device)
+        counter = ConfusionCounter(self.cfg.model.hparams()["num_classes"], self.env.device)
         kept = GridSamples(keep)
         for batch in batches:
             image, label, weight = self._to_device(batch)
@@ -131,7 +130,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "rng": gathered,
             "config": to_dict(self.cfg),
-            "model_hparams": asdict(self.cfg.model),
+            "model_hparams": self.cfg.model.hparams(),
             **extra,
         }
         save_training(self.engine, directory, self.step, client_state, self.cfg.train.keep_last,
@@ -163,7 +162,7 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     if threads is not None:
         torch.set_num_threads(threads)
     seed_everything(cfg.run.seed)
-    model = UNet(**asdict(cfg.model))
+    model = UNet(**cfg.model.hparams())
     return Trainer(cfg, env, build_engine(cfg, env, model))
 
 
