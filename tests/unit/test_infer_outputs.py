@@ -141,10 +141,11 @@ def test_evaluate_checks_label_shapes_before_predicting(tmp_path: Path, model: P
     from unetdist.infer.__main__ import main
 
     tifffile.imwrite(tmp_path / "img.tif", _image((40, 50)))
-    tifffile.imwrite(tmp_path / "lbl.tif", np.zeros((50, 40), np.uint8))
-    rc = main(["evaluate", "--checkpoint", str(model), "--images", str(tmp_path / "img.tif"), "--labels",
-               str(tmp_path / "lbl.tif"), "--out", str(tmp_path / "eval")])
-    assert rc == 2 and f"{tmp_path / 'lbl.tif'} is 50 x 40 but its image" in capsys.readouterr().err
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "labels" / "img.tif", np.zeros((50, 40), np.uint8))  # paired by name
+    rc = main(["evaluate", "--model", str(model), "--images", str(tmp_path / "img.tif"), "--labels",
+               str(tmp_path / "labels" / "img.tif"), "--out", str(tmp_path / "eval")])
+    assert rc == 2 and f"{tmp_path / 'labels' / 'img.tif'} is 50 x 40 but its image" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists(), "nothing predicted"
 
 
