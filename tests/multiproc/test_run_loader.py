@@ -2,8 +2,8 @@
 
 Training used to build a DataLoader per epoch, so every epoch restarted every worker process and
 refilled its shuffle blocks from cold. `run_loader` must give exactly the batches of those
-per-epoch loaders laid end to end (keys, pixels, skip counts), also when a run resumes mid-epoch,
-while its 2 workers are started once for 3 epochs.
+per-epoch loaders laid end to end (keys, pixels, skip counts, on damaged shards too), also when a
+run resumes mid-epoch, while its 2 workers are started once for 3 epochs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.multiproc.test_stream_robust import damaged_copy, dataset  # noqa: F401 (a fixture)
 from unetdist.config import AugmentConfig, DataConfig
 from unetdist.data.stream import batches_per_epoch, open_manifest, run_loader, train_loader
 
@@ -68,3 +69,18 @@ def test_stop_step_ends_the_stream_mid_epoch(tiny_data: Path) -> None:
     assert list(run_loader(data, manifest, rank=RANK, world_size=WORLD, seed=7, start_step=5, stop_step=5)) == []
     with pytest.raises(ValueError, match="start_step"):
         run_loader(data, manifest, rank=RANK, world_size=WORLD, seed=7, start_step=6, stop_step=5)
+
+
+def test_damaged_samples_are_replaced_and_counted_as_the_per_epoch_loaders_do(
+    dataset: Path, tmp_path: Path
+) -> None:
+    damaged_copy(dataset, tmp_path / "damaged")
+    data, manifest = DataConfig(batch_size=2, workers=2, shuffle_buffer=4), open_manifest(tmp_path / "damaged")
+    per_epoch = batches_per_epoch(data, manifest, 1)
+    start = per_epoch + 1  # each worker's first batch has good samples (else it fails, as a per-epoch loader does)
+    expected = [b for epoch in range(EPOCHS)
+                for b in train_loader(data, manifest, rank=0, world_size=1, seed=3, epoch=epoch)][start:]
+    got = list(run_loader(data, manifest, rank=0, world_size=1, seed=3, start_step=start,
+                          stop_step=EPOCHS * per_epoch))
+    _same(got, expected)
+    assert sum(int(b["skipped"]) for b in got) > 0

@@ -214,13 +214,13 @@ class PartitionReader:
 class RankBatches:
     """One DataLoader worker's batches of one rank: decode, replace bad samples, augment, assemble."""
 
-    def __init__(self, plan: TrainPlan, shard_errors: SkipLog | None = None, retries: int | None = None) -> None:
+    def __init__(self, plan: TrainPlan) -> None:
         self.plan, self.order = plan, plan.order()
-        self.shard_errors = SkipLog("training") if shard_errors is None else shard_errors
+        self.shard_errors = SkipLog("training")
         self.readers: dict[int, PartitionReader] = {}
         self.seen = self.bad = 0
         self.spare: Item | None = None  # a good sample of an earlier batch, for a batch with none
-        self.retries = retries_so_far() if retries is None else retries  # counted up to the previous batch
+        self.retries = retries_so_far()
 
     def batches(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
         try:
@@ -232,6 +232,14 @@ class RankBatches:
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
+
+    def following(self, plan: TrainPlan) -> RankBatches:
+        """The same worker's batches of another epoch: its skip log, retry count and spare sample carry
+        over (an all-bad first batch of the epoch then needs no failure), the damage budget starts afresh."""
+        self.close()
+        after = RankBatches(plan)
+        after.shard_errors, after.retries, after.spare = self.shard_errors, self.retries, self.spare
+        return after
 
     def batch(self, index: int) -> dict[str, Any]:
         p = self.plan
@@ -312,7 +320,9 @@ class RunStream(IterableDataset):
     Step g is batch b of epoch e with (e, b) = divmod(g, batches per epoch): the same batch as
     `TrainStream` of epoch e gives. Worker w builds steps start + w, start + w + workers, ...; on
     reaching a new epoch it plans that epoch's order and readers afresh (as a new `TrainStream`
-    would, damaged-sample budget included), so the worker processes live for the whole run.
+    would, damaged-sample budget included), so the worker processes live for the whole run. Only
+    a batch whose samples are all damaged may differ: it is filled from the worker's last good
+    sample, which depends on which worker built which batch before it, with per-epoch loaders too.
     """
 
     def __init__(self, plan: TrainPlan, start: int, stop: int) -> None:
@@ -327,15 +337,13 @@ class RunStream(IterableDataset):
 
     def _batches(self, steps: Iterable[int]) -> Iterator[dict[str, Any]]:
         per_epoch = self.plan.order().steps  # the same every epoch: it depends on sample counts only
-        shard_errors, current = SkipLog("training"), None
+        current: RankBatches | None = None
         try:
             for step in steps:
                 epoch, index = divmod(step, per_epoch)
                 if current is None or current.plan.epoch != epoch:
-                    retries = None if current is None else current.retries
-                    if current is not None:
-                        current.close()
-                    current = RankBatches(replace(self.plan, epoch=epoch, start_batch=index), shard_errors, retries)
+                    plan = replace(self.plan, epoch=epoch, start_batch=index)
+                    current = RankBatches(plan) if current is None else current.following(plan)
                 yield current.batch(index)
         finally:
             if current is not None:
