@@ -39,7 +39,7 @@ def test_usr1_to_the_agent_exits_resumable(tmp_path: Path, tiny_data: Path) -> N
     try:
         for line in proc.stdout:
             lines.append(line)
-            if " step 3 " in line:
+            if " step 3/" in line:
                 proc.send_signal(signal.SIGUSR1)  # the script execs the agent: this is `kill -USR1 <agent>`
                 break
         rest, _ = proc.communicate(timeout=180)

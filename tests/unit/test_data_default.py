@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unetdist.config import SynthConfig, load_config
+from unetdist.config import DataConfig, SynthConfig, load_config
 from unetdist.data import default as default_module
 from unetdist.data.default import ensure_dataset
 from unetdist.data.shards import DataError

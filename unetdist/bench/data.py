@@ -143,11 +143,8 @@ def first_batch(cfg: Config, device: torch.device) -> dict[str, Any]:
 
 def our_batches(cfg: Config, device: torch.device) -> Any:
     """Our training stream, epoch after epoch (a generator; ``close()`` it when done)."""
-    from unetdist.data.stream import open_manifest, train_loader
+    from unetdist.data.stream import open_manifest, run_loader
 
     manifest = open_manifest(cfg.data.root, cfg.data)
-    epoch = 0
-    while True:
-        yield from train_loader(cfg.data, manifest, rank=0, world_size=1, seed=cfg.run.seed, epoch=epoch,
-                                pin_memory=device.type == "cuda")
-        epoch += 1
+    yield from run_loader(cfg.data, manifest, rank=0, world_size=1, seed=cfg.run.seed, stop_step=10**12,
+                          pin_memory=device.type == "cuda")

@@ -107,7 +107,7 @@ def section_loader(ctx: Ctx) -> Result:
     """The training loader with the GPU config's workers: tiles/s it delivers to one rank."""
     from unetdist.config import load_config
     from unetdist.data.default import ensure_dataset
-    from unetdist.data.stream import open_manifest, train_loader
+    from unetdist.data.stream import batches_per_epoch, open_manifest, run_loader
 
     config = REPO / "configs/gpu-8x.yaml"
     size = [] if ctx.gpu else ["data.shard.tile=32", "data.synth.height=96", "data.synth.width=96",
@@ -116,15 +116,16 @@ def section_loader(ctx: Ctx) -> Result:
                                f"run.dir={ctx.out}", *size])
     manifest = open_manifest(ensure_dataset(cfg.data, cfg.model.num_classes), cfg.data)
     budget = 12.0 if ctx.gpu else 3.0
-    count, tiles, epoch, start = 0, 0, 0, time.perf_counter()
-    while time.perf_counter() - start < budget:  # epoch after epoch, loaders rebuilt as in training
-        for batch in train_loader(cfg.data, manifest, rank=0, world_size=1, seed=0, epoch=epoch,
-                                  pin_memory=ctx.gpu):
-            tiles += int(batch["image"].shape[0])
-            count += 1
-        epoch += 1
+    count, tiles, start = 0, 0, time.perf_counter()
+    # epoch after epoch through one loader, as in training
+    for batch in run_loader(cfg.data, manifest, rank=0, world_size=1, seed=0, stop_step=10**12, pin_memory=ctx.gpu):
+        tiles += int(batch["image"].shape[0])
+        count += 1
+        if time.perf_counter() - start >= budget:
+            break
     seconds = time.perf_counter() - start
+    epoch = -(-count // batches_per_epoch(cfg.data, manifest, 1))  # epochs begun
     rate = tiles / seconds if seconds > 0 else 0.0
     return {"passed": tiles > 0, "figures": {"workers": cfg.data.workers, "tile": manifest.tile, "tiles": tiles,
                                              "tiles_per_s": rate, "batches": count, "epochs": epoch},
-            "detail": f"train_loader with {config.name}'s data.workers={cfg.data.workers}, one rank"}
+            "detail": f"run_loader with {config.name}'s data.workers={cfg.data.workers}, one rank"}

@@ -154,12 +154,11 @@ def _make_dataset(root: Path, args: argparse.Namespace) -> None:
 def _ours(manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace, seed: int) -> Iterator[dict]:
     """The training loader, epoch after epoch, as `unetdist train` runs it on one rank."""
     from unetdist.config import DataConfig, NormalizeConfig
-    from unetdist.data.stream import train_loader
+    from unetdist.data.stream import run_loader
 
     data = DataConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=64, augment=augment,
                       normalize=NormalizeConfig(mode="dataset"))  # what the per-file baseline does too
-    for epoch in range(10**9):
-        yield from train_loader(data, manifest, rank=0, world_size=1, seed=seed, epoch=epoch)
+    yield from run_loader(data, manifest, rank=0, world_size=1, seed=seed, stop_step=10**12)
 
 
 def _baseline(folder: Path, manifest: Manifest, augment: AugmentConfig, args: argparse.Namespace,

@@ -41,13 +41,12 @@ def add_url_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stream(root: str, augment: AugmentConfig, args: argparse.Namespace, cache: str = "") -> Iterator[dict]:
-    from unetdist.data.stream import open_manifest, train_loader
+    from unetdist.data.stream import open_manifest, run_loader
 
     data = DataConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=64, augment=augment,
                       cache=CacheConfig(dir=cache))
     manifest = open_manifest(root, data)
-    for epoch in range(10**9):
-        yield from train_loader(data, manifest, rank=0, world_size=1, seed=0, epoch=epoch)
+    yield from run_loader(data, manifest, rank=0, world_size=1, seed=0, stop_step=10**12)
 
 
 class PerFileURLDataset:

@@ -3,9 +3,10 @@
 `inputs` reads image/label files (globs or CSV/YAML lists, TIFF stacks, PNG, .npy) and `labels`
 turns labels into classes, instances and U-Net weight maps; `shards` writes tiled WebDataset
 shards and their manifest (with `samples` doing the per-file work in parallel); `stream` reads
-them back as per-rank batches (`reader` survives damaged shards, `augment` transforms samples);
-`fetch` downloads the real nuclei images; `synth` makes the embedded default dataset and
-`default.ensure_dataset` builds either when a run starts with no data.
+them back as per-rank batches (one loader for a whole training run: `run_loader`; `reader` survives
+damaged shards, `augment` transforms samples); `fetch` downloads the real nuclei images; `synth`
+makes the embedded default dataset and `default.ensure_dataset` builds either when a run starts
+with no data.
 """
 
 from unetdist.data.default import ensure_dataset
@@ -13,7 +14,7 @@ from unetdist.data.errors import DataError
 from unetdist.data.inputs import Pair, read_list, read_pairs
 from unetdist.data.manifest import IntensityStats, Manifest, normalize, open_manifest
 from unetdist.data.shards import write_shards
-from unetdist.data.stream import batches_per_epoch, train_loader, val_loader
+from unetdist.data.stream import batches_per_epoch, run_loader, train_loader, val_loader
 from unetdist.data.synth import generate_dataset
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "open_manifest",
     "read_list",
     "read_pairs",
+    "run_loader",
     "train_loader",
     "val_loader",
     "write_shards",

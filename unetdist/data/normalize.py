@@ -127,7 +127,6 @@ def image_percentiles(array: Any, axes: str, percentiles: Sequence[float],
     shape = tuple(int(n) for n in array.shape)
     axes = _check_axes(shape, axes)
     c_axis = axes.find("C")
-    channels = shape[c_axis] if c_axis >= 0 else 1
     plane_axes = [i for i, a in enumerate(axes[:-2]) if a != "C"]
     planes = math.prod(shape[i] for i in plane_axes)
     height, width = shape[-2:]

@@ -15,6 +15,9 @@ collects them), reading past the other workers' samples raw; resuming at batch k
 samples up to it and decodes only what it yields. Each sample is normalised (`data/normalize.py`:
 by default with the percentiles of the tile's whole source frame, from the manifest) before the
 intensity augmentation, in training and validation alike.
+samples up to it and decodes only what it yields. Training reads the whole run through one
+DataLoader (`run_loader`): step g is batch b of epoch e, (e, b) = divmod(g, batches per epoch),
+and each worker plans the next epoch itself, so its processes outlive the epoch boundary.
 
 Validation, per rank: (rank, worker) slots share the shards: with at least as many shards as
 slots, slot s reads shards s, s + slots, ...; with fewer, the slots mapped to one shard take
@@ -37,7 +40,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -54,8 +57,8 @@ from unetdist.data.order import EpochOrder, auto_partitions, check_layout, epoch
 from unetdist.data.reader import BadSample, ErrorCallback, SkipLog, decode, shard_samples
 from unetdist.data.remote import ShardOpener, retries_so_far
 
-__all__ = ["IntensityStats", "Manifest", "batches_per_epoch", "normalize", "open_manifest", "train_loader",
-           "val_loader", "val_assignment"]
+__all__ = ["IntensityStats", "Manifest", "batches_per_epoch", "normalize", "open_manifest", "run_loader",
+           "train_loader", "val_loader", "val_assignment"]
 
 
 def batches_per_epoch(data: DataConfig, manifest: Manifest, world_size: int) -> int:
@@ -263,8 +266,19 @@ class RankBatches:
             for index in indices:
                 yield self.batch(index)
         finally:
-            for reader in self.readers.values():
-                reader.close()
+            self.close()
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+    def following(self, plan: TrainPlan) -> RankBatches:
+        """The same worker's batches of another epoch: its skip log, retry count and spare sample carry
+        over (an all-bad first batch of the epoch then needs no failure), the damage budget starts afresh."""
+        self.close()
+        after = RankBatches(plan)
+        after.shard_errors, after.retries, after.spare = self.shard_errors, self.retries, self.spare
+        return after
 
     def batch(self, index: int) -> dict[str, Any]:
         p = self.plan
@@ -339,6 +353,42 @@ class TrainStream(IterableDataset):
         worker, workers = _worker()
         indices = range(self.plan.start_batch + worker, self.plan.order().steps, workers)
         return RankBatches(self.plan).batches(indices)
+
+
+class RunStream(IterableDataset):
+    """One rank's batches of global steps [start, stop) of the run, epoch after epoch, in one pass.
+
+    Step g is batch b of epoch e with (e, b) = divmod(g, batches per epoch): the same batch as
+    `TrainStream` of epoch e gives. Worker w builds steps start + w, start + w + workers, ...; on
+    reaching a new epoch it plans that epoch's order and readers afresh (as a new `TrainStream`
+    would, damaged-sample budget included), so the worker processes live for the whole run. Only
+    a batch whose samples are all damaged may differ: it is filled from the worker's last good
+    sample, which depends on which worker built which batch before it, with per-epoch loaders too.
+    """
+
+    def __init__(self, plan: TrainPlan, start: int, stop: int) -> None:
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        return self._batches(range(self.start + worker, self.stop, workers))
+
+    def _batches(self, steps: Iterable[int]) -> Iterator[dict[str, Any]]:
+        per_epoch = self.plan.order().steps  # the same every epoch: it depends on sample counts only
+        current: RankBatches | None = None
+        try:
+            for step in steps:
+                epoch, index = divmod(step, per_epoch)
+                if current is None or current.plan.epoch != epoch:
+                    plan = replace(self.plan, epoch=epoch, start_batch=index)
+                    current = RankBatches(plan) if current is None else current.following(plan)
+                yield current.batch(index)
+        finally:
+            if current is not None:
+                current.close()
 
 
 def val_assignment(shards: int, slots: int, slot: int) -> list[tuple[int, int, int]]:
@@ -422,12 +472,39 @@ def _loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoa
 
 def train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: int, seed: int, epoch: int,
                  start_batch: int = 0, pin_memory: bool = False) -> Iterable[dict[str, Any]]:
-    """Exactly `batches_per_epoch(...) - start_batch` training batches for this rank.
+    """Exactly `batches_per_epoch(...) - start_batch` training batches for this rank: one epoch.
 
     Batches are described in the module docstring (crops of `data.augment.crop` when set). The same
     arguments give the same batches; `start_batch=k` gives the unbroken epoch's batches from k on,
     and the rank batches of any world size with the same global batch concatenate to the same ones.
+    Its workers end with the epoch; training uses `run_loader`, whose workers serve every epoch.
     """
+    plan = _train_plan(data, manifest, rank=rank, world_size=world_size, seed=seed, epoch=epoch)
+    total = batches_per_epoch(data, manifest, world_size)
+    if not 0 <= start_batch <= total:
+        raise ValueError(f"start_batch must be in [0, {total}] (batches per epoch), got {start_batch}")
+    return _loader(TrainStream(replace(plan, start_batch=start_batch)), data.workers, pin_memory)
+
+
+def run_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: int, seed: int, stop_step: int,
+               start_step: int = 0, pin_memory: bool = False) -> Iterable[dict[str, Any]]:
+    """This rank's training batches of steps start_step .. stop_step - 1, across epochs: one DataLoader per run.
+
+    Step g gives batch b of `train_loader(..., epoch=e)` with (e, b) = divmod(g, batches_per_epoch(...)),
+    so the batches are those of the per-epoch loaders laid end to end, and resuming at any step
+    decodes no skipped sample. Iterate it once: its worker processes start once and live until
+    `stop_step`, reading the next epoch's first shuffle blocks while the current epoch's last batches
+    train, instead of a fresh set of processes refilling them at every epoch.
+    """
+    if not 0 <= start_step <= stop_step:
+        raise ValueError(f"need 0 <= start_step <= stop_step, got {start_step} and {stop_step}")
+    plan = _train_plan(data, manifest, rank=rank, world_size=world_size, seed=seed, epoch=0)
+    return _loader(RunStream(plan, start_step, stop_step), data.workers, pin_memory)
+
+
+def _train_plan(data: DataConfig, manifest: Manifest, *, rank: int, world_size: int, seed: int,
+                epoch: int) -> TrainPlan:
+    """Check the training data and layout (clear errors at start) and plan one rank's stream of `epoch`."""
     _check_rank(rank, world_size)
     _check_shards(manifest.train_shards, manifest.train_samples, "training", manifest.root)
     augment = as_augment_config(data.augment)
@@ -439,16 +516,12 @@ def train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size:
                         f"shards that are not in the manifest of {manifest.root}; list shards of the manifest")
     partitions = partitions_for(data, manifest, world_size)
     check_layout(data.batch_size * world_size, world_size, partitions)
-    total = batches_per_epoch(data, manifest, world_size)
-    if not 0 <= start_batch <= total:
-        raise ValueError(f"start_batch must be in [0, {total}] (batches per epoch), got {start_batch}")
-    plan = TrainPlan(urls=list(manifest.train_shards), counts=list(manifest.train_shard_samples),
+    return TrainPlan(urls=list(manifest.train_shards), counts=list(manifest.train_shard_samples),
                      normalizer=Normalizer.of(data, manifest),
                      batch_size=data.batch_size, world_size=world_size, rank=rank, partitions=partitions,
                      shuffle_buffer=data.shuffle_buffer, augment=augment, num_classes=manifest.num_classes,
                      shape=(manifest.channels, manifest.tile, manifest.tile), weights=manifest.weights, seed=seed,
-                     epoch=epoch, start_batch=start_batch, opener=ShardOpener.from_config(data))
-    return _loader(TrainStream(plan), data.workers, pin_memory)
+                     epoch=epoch, start_batch=0, opener=ShardOpener.from_config(data))
 
 
 def val_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: int,
@@ -456,6 +529,8 @@ def val_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: i
     """This rank's share of the validation tiles (every tile once across all ranks and workers).
 
     Batches are like `train_loader`'s, the last one of each worker possibly smaller; a rank may get none.
+    Each validation builds its own loader, whose workers end with it: a validation pass is short, and
+    its workers hold no shuffle buffer.
     """
     _check_rank(rank, world_size)
     _check_shards(manifest.val_shards, manifest.val_samples, "validation", manifest.root)

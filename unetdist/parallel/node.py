@@ -67,8 +67,8 @@ def check_loaders(node: NodeResources, ranks_per_node: int, workers: int, shuffl
                   sample: int, epoch_samples_per_worker: int | None = None) -> str | None:
     """A warning naming the keys and what would fit, when the configured loaders overload the node.
 
-    `epoch_samples_per_worker`: what each worker yields per epoch. Loaders restart every epoch and
-    fill their buffer before the first sample, so a deeper buffer reads more than the epoch trains on.
+    `epoch_samples_per_worker`: what each worker yields per epoch. Each epoch's order starts a new
+    shuffle block, filled before its first sample, so a deeper buffer reads more than the epoch trains on.
     """
     processes, buffers = loader_cost(ranks_per_node, workers, shuffle_buffer, sample)
     fits = size_loaders(node, ranks_per_node, sample)

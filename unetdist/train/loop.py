@@ -17,7 +17,7 @@ import yaml
 from unetdist.config import Config, ConfigError, to_dict
 from unetdist.data.default import ensure_dataset
 from unetdist.data.order import per_device_batch
-from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, train_loader, val_loader
+from unetdist.data.stream import Manifest, batches_per_epoch, open_manifest, run_loader, val_loader
 from unetdist.parallel.collectives import barrier, broadcast_object
 from unetdist.parallel.env import DistEnv
 from unetdist.parallel.node import sample_bytes, warn_if_overloaded
@@ -191,38 +191,36 @@ def _train(cfg: Config, env: DistEnv, trainer: Trainer, manifest: Manifest, logg
     interval = IntervalStats(env)
     interval.prepare(trainer.engine.amp_dtype)
     metrics: dict[str, float] = {}
+    # one loader for the whole run: its workers carry on into the next epoch (see run_loader)
+    if trainer.step < stop:
+        batches = iter(run_loader(cfg.data, manifest, rank=env.rank, world_size=env.world_size, seed=cfg.run.seed,
+                                  start_step=trainer.step, stop_step=stop, pin_memory=env.device.type == "cuda"))
     while trainer.step < stop:
-        epoch, start = divmod(trainer.step, per_epoch)
-        batches = iter(train_loader(cfg.data, manifest, rank=env.rank, world_size=env.world_size,
-                                    seed=cfg.run.seed, epoch=epoch, start_batch=start,
-                                    pin_memory=env.device.type == "cuda"))
-        while trainer.step < stop:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            wait = time.perf_counter() - t0
-            out = trainer.train_step(batch)
-            interval.add(batch, out, wait)
-            step = trainer.step
-            if _due(step, cfg.train.log_every, total):
-                height, width = batch["image"].shape[-2:]
-                flops = step_flops_per_image(cfg.model.hparams(), height, width, cfg.train.activation_checkpointing)
-                values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
-                logger.scalars(step, values, "train")
-                logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
-            if _due(step, cfg.train.val_every, total):
-                metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
-                interval.throughput.reset()
-            saved = _due(step, cfg.train.ckpt_every, total) or step == stop
-            if saved:
+        epoch = trainer.step // per_epoch  # of the batch this step trains on
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait = time.perf_counter() - t0
+        out = trainer.train_step(batch)
+        interval.add(batch, out, wait)
+        step = trainer.step
+        if _due(step, cfg.train.log_every, total):
+            height, width = batch["image"].shape[-2:]
+            flops = step_flops_per_image(cfg.model.hparams(), height, width, cfg.train.activation_checkpointing)
+            values = interval.report(out, epoch, flops, trainer.engine.amp_dtype)
+            logger.scalars(step, values, "train")
+            logger.progress(step, {k: values[k] for k in ("loss", "lr", "images_per_s")})
+        if _due(step, cfg.train.val_every, total):
+            metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
+            interval.throughput.reset()
+        saved = _due(step, cfg.train.ckpt_every, total) or step == stop
+        if saved:
+            _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
+        signum = stop_signal.agreed(env, step, force=saved) if step < total else 0
+        if signum:
+            if not saved:
                 _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
-            signum = stop_signal.agreed(env, step, force=saved) if step < total else 0
-            if signum:
-                if not saved:
-                    _save(cfg, env, trainer, manifest, run_dir / "checkpoints")
-                logger.message(f"stop signal: checkpoint at step {step} written; resume with run.resume=auto")
-                raise Preempted(step, signum)
+            logger.message(f"stop signal: checkpoint at step {step} written; resume with run.resume=auto")
+            raise Preempted(step, signum)
     if trainer.step == total and not metrics:  # resumed a finished run: report it again
         metrics = _validate(cfg, env, trainer, manifest, logger, run_dir)
     if env.is_main and trainer.step == total:
