@@ -40,7 +40,7 @@ def _refused(proc, marker: Path, planted: Path) -> None:
 def test_predict_evaluate_export_and_resume_never_run_a_planted_pickle(tmp_path: Path, tiny_data: Path) -> None:
     marker = tmp_path / "marker"
     image = next((tiny_data / "raw").glob("img_*.tif"))
-    label = next((tiny_data / "raw").glob("lbl_*.tif"))
+    label = image.with_name(image.name.replace("img_", "lbl_"))  # its own label: evaluate pairs by name
     infer = [PYTHON, "-m", "unetdist.cli"]
 
     ds_dir = tmp_path / "ds"  # a folder holding a DeepSpeed-looking file: predict DIR, evaluate, export DIR
