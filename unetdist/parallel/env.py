@@ -7,6 +7,7 @@ training code run the same on 1 process or 1,000.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -121,7 +122,15 @@ def init_distributed(timeout_s: int = 1800, group_for_one: bool = False) -> Dist
 
 
 def destroy_distributed() -> None:
+    """Leave the process group, after collecting the objects that still hold its backends.
+
+    Engines that are no longer referenced (DeepSpeed's keeps groups of its own) but not yet collected
+    would otherwise be freed during interpreter shutdown, after the group, while gloo's threads still
+    run: the process then aborts ("terminate called without an active exception") after its work is
+    done, and a launcher counts the run as failed.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
