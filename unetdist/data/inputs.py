@@ -203,7 +203,7 @@ def load_array(path: Path) -> np.ndarray:
         if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if suffix == ".png":
-            return _read_png(path)
+            return read_png(path)
         return tifffile.imread(path)
     except DataError:
         raise
@@ -219,7 +219,7 @@ def array_header(path: Path) -> tuple[tuple[int, ...], np.dtype, str | None]:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             return tuple(array.shape), array.dtype, None
         if suffix == ".png":
-            array = _read_png(path)  # PNG headers do not give numpy's view of the mode reliably
+            array = read_png(path)  # PNG headers do not give numpy's view of the mode reliably
             return tuple(array.shape), array.dtype, None
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -230,7 +230,8 @@ def array_header(path: Path) -> tuple[tuple[int, ...], np.dtype, str | None]:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
 
-def _read_png(path: Path) -> np.ndarray:
+def read_png(path: Path) -> np.ndarray:
+    """A PNG's pixels as stored (16-bit stays 16-bit); palette images are refused."""
     try:
         from PIL import Image
     except ImportError as exc:

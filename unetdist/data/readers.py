@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from unetdist.data.errors import DataError
+from unetdist.data.inputs import read_png
 
 AXES = "TCZYX"
 EXTRA_HINT = "pip install 'unetdist[formats]'"
@@ -345,16 +346,5 @@ def _open_plain(path: Path, setting: str) -> ImageSource:
     if path.suffix.lower() == ".npy":
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     else:
-        array = _read_png(path)
+        array = read_png(path)
     return _source(path, None, [array], setting, {})
-
-
-def _read_png(path: Path) -> np.ndarray:
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise DataError(f"{path}: reading PNG needs Pillow (pip install pillow), or convert to .tif/.npy") from exc
-    with Image.open(path) as img:
-        if img.mode in ("P", "PA"):
-            raise DataError(f"{path}: palette PNG; save it as grayscale or RGB")
-        return np.array(img)  # I;16 gives uint16, L/RGB uint8: never an 8-bit conversion of 16-bit data
