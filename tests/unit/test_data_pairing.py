@@ -121,3 +121,12 @@ def test_a_tile_larger_than_the_images_warns(tmp_path: Path, caplog: pytest.LogC
                      tmp_path / "out", ShardConfig(tile=32), num_classes=2)
     assert any("smaller than the 32 px tile" in r.getMessage() and "im0.tif (24 x 40)" in r.getMessage()
                for r in caplog.records)
+
+
+def test_one_image_and_one_label_pair_whatever_their_names(tmp_path: Path) -> None:
+    from unetdist.data.inputs import pair_files
+
+    image, label = tmp_path / "img_0000.tif", tmp_path / "lbl_0000.tif"
+    assert pair_files([image], [label]) == [(image, label)]
+    with pytest.raises(DataError, match="without their label"):  # two of each: names must decide
+        pair_files([image, tmp_path / "img_0001.tif"], [label, tmp_path / "lbl_0001.tif"])

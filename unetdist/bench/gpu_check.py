@@ -57,12 +57,28 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _kill_tree(pid: int) -> None:
-    """SIGKILL a section and everything it started (torchrun puts its workers in their own sessions)."""
-    for target in [pid, *_descendants(pid)]:
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL a section and everything it started (torchrun puts its workers in their own sessions).
+
+    The tree is frozen first (SIGSTOP, repeated until no new process appears), so that nothing forks
+    a child between the listing and the kill, and no child is re-parented away before it is listed.
+    """
+    frozen: list[int] = []
+    for _ in range(10):
+        new = [p for p in [pid, *_descendants(pid)] if p not in frozen]
+        if not new:
+            break
+        for target in new:
+            _signal(target, signal.SIGSTOP)
+        frozen += new
+    for target in frozen:
+        _signal(target, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def run_section(name: str, args: argparse.Namespace, limit: float) -> dict[str, Any]:

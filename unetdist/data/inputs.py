@@ -122,10 +122,13 @@ def pair_files(images: list[Path], labels: list[Path], image_glob: str | None = 
                label_suffix: str = MASK_SUFFIX, image_suffix: str = "",
                what: tuple[str, str] = ("image", "label")) -> list[tuple[Path, Path]]:
     """`pair_by_name` by the files' names; when that leaves files unpaired, by what the globs' wildcards
-    matched (``img_*.tif`` with ``lbl_*.tif``). The error lists the files the names leave unpaired."""
+    matched (``img_*.tif`` with ``lbl_*.tif``); one image and one label given together are a pair
+    whatever their names (there is nothing to mix up). The error lists the files the names leave unpaired."""
     try:
         return pair_by_name(images, labels, name_key(None, image_suffix), name_key(None, label_suffix), what)
     except PairingError as by_name:
+        if len(images) == 1 and len(labels) == 1:
+            return [(images[0], labels[0])]
         if not (image_glob or label_glob):
             raise
         try:
