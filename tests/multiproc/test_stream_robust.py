@@ -6,11 +6,8 @@ data (which only the stored CRC-32 can notice). DataLoader workers are real proc
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cluster.faulty_http import Plan, serve
 from unetdist.config import AugmentConfig, DataConfig, NormalizeConfig, ShardConfig
 from unetdist.data.errors import DataError
 from unetdist.data.manifest import normalize, open_manifest
@@ -131,19 +129,8 @@ def _d4(array: np.ndarray, code: int) -> np.ndarray:
 
 @pytest.fixture()
 def http_root(dataset: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(dataset))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
+    with serve(Plan(dataset, ranges=False)) as url:  # a plain file server, as Python's http.server
+        yield url
 
 
 def test_http_manifest_and_shards(http_root: str, dataset: Path) -> None:

@@ -60,12 +60,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale(directory)
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    commit(tmp, final)
+    _save_atomically(state, final)
     prune(directory, keep_last)
     return final
 
@@ -335,12 +330,17 @@ def write_model_file(out: Path, state: dict[str, Any]) -> None:
     if state.get("format") != MODEL_FORMAT:
         raise ValueError(f"not a {MODEL_FORMAT} state (build it with model_file_state)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    _save_atomically(state, out)
+
+
+def _save_atomically(state: dict[str, Any], final: Path) -> None:
+    """torch.save to `final.tmp`, fsync, then rename over `final` (see `commit`)."""
+    tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    commit(tmp, out)
+    commit(tmp, final)
 
 
 def _fsync_dir(directory: Path) -> None:
