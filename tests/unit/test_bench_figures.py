@@ -63,7 +63,7 @@ def test_headroom_grows_with_checkpointing_and_is_linear_in_batch() -> None:
     memory = headroom_meta(PRESETS["cpu"], budget_gb=80.0)
     batches = {p: memory["policies"][p]["max_batch"] for p in ("none", "highres", "all")}
     assert 0 < batches["none"] < batches["highres"] < batches["all"]
-    assert memory["ratio_all_vs_none"] >= 3.0  # issue 7: full checkpointing at least triples the batch
+    assert memory["ratio_all_vs_none"] >= 3.0  # the target: full checkpointing at least triples the batch
 
 
 def _row(**kwargs: object) -> dict:

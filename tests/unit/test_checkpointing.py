@@ -165,7 +165,7 @@ def test_public_api() -> None:
     assert apply_activation_checkpointing(model, "all") is model
 
 
-# ---- memory and FLOPs at the size issue 2 names: 256 x 256, batch 2, the default width 64 ----
+# ---- memory and FLOPs at the design size: 256 x 256, batch 2, the default width 64 ----
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:

@@ -80,7 +80,7 @@ def test_meta_device_counts_what_real_tensors_count() -> None:
 
 
 def test_default_model_per_pixel_figures() -> None:
-    """Issue 7's "about 1.468 MFLOP per pixel forward" for the default model, made exact."""
+    """The quoted "about 1.468 MFLOP per pixel forward" for the default model, made exact."""
     assert forward_flops_per_pixel() == 1_467_776
     assert forward_flops(512, 512) == 1_467_776 * 512 * 512  # exact for sizes divisible by 16
     assert forward_flops(511, 509) < 1_467_776 * 511 * 509  # floor pooling drops odd rows/columns

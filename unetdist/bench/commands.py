@@ -2,14 +2,13 @@
 
 `unetdist bench [train]` runs the whole table, `unetdist bench smoke` checks that training works
 on the device first (the GPU check runs both), `unetdist bench loader` measures the data
-pipeline alone (implemented in `unetdist.bench.loader`, issue 3). Implementations are imported
+pipeline alone (implemented in `unetdist.bench.loader`). Implementations are imported
 only when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +82,8 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _register_loader(sub: Any) -> None:
-    """`bench loader` comes from `unetdist.bench.loader` (issue 3); its absence is reported when run."""
-    try:
-        from unetdist.bench.loader import add_loader_arguments
-    except ImportError as exc:
-        reason = str(exc)
-        p = sub.add_parser("loader", help="data pipeline throughput (unavailable: unetdist.bench.loader missing)")
+    from unetdist.bench.loader import add_loader_arguments
 
-        def _missing(args: argparse.Namespace) -> int:
-            print(f"unetdist bench loader: not available ({reason})", file=sys.stderr)
-            return 2
-
-        p.set_defaults(func=_missing)
-        return
     p = sub.add_parser("loader", help="data pipeline throughput: samples/s of the shard reader and decoders")
     add_loader_arguments(p)
     p.set_defaults(func=_loader)

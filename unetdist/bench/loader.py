@@ -10,7 +10,7 @@ runs in the measuring process on one torch thread and the rates are tiles per CP
 process, i.e. per core, even on a machine busy with other work; with N workers they are tiles per
 wall-clock second divided by N.
 
-The target (issue 3): 8 cores must feed an H100 training 512 x 512 tiles, about 250 tiles/s,
+The target: 8 cores must feed an H100 training 512 x 512 tiles, about 250 tiles/s,
 i.e. 31 tiles/s per core, and the pipeline should be at least 2x the per-file baseline.
 
 Entry points for the `bench` command: `add_loader_arguments(parser)` and `run_loader_bench(args)`.

@@ -1,6 +1,6 @@
 """Benchmark sizes per machine: what `unetdist bench --preset NAME` measures.
 
-Why this module exists: one table, three scales. ``gpu`` is issue 7's measurement (the default
+Why this module exists: one table, three scales. ``gpu`` is the GPU measurement (the default
 31 M-parameter model on 512x512 tiles); ``cpu`` is the same table at a size a 2-core CPU runs in
 a few minutes (base width 16, 128x128 tiles: one fp32 step of the 512x512 default model takes
 tens of seconds there); ``tiny`` is the CI smoke test (seconds per section, figures meaningless

@@ -60,7 +60,7 @@ def new_report(preset: Preset, device: torch.device, sections: list[str]) -> dic
         "settings": dataclasses.asdict(preset),
         "peak_flops": {"fp32": fp32, "bf16": bf16, "source": f"fp32 {source32}; bf16 {source16}"},
         "sections": sections, "rows": [], "comparisons": [], "ddp": None, "memory": None, "skipped": [],
-        "loader": "see `unetdist bench loader` (data pipeline throughput, issue 3)",
+        "loader": "see `unetdist bench loader` (data pipeline throughput)",
     }
 
 

@@ -14,8 +14,8 @@ agree with. The convention is therefore the counter's:
 * activation checkpointing adds one more forward of every checkpointed stage (recomputation).
 
 For the default model (1 input channel, 2 classes, width 64, depth 4, transposed convolutions)
-the forward pass costs 1,467,776 FLOP per pixel, exactly for every size divisible by 16: issue 7's
-"about 1.468 MFLOP per pixel" is right. A training step is then 3x that (minus the first
+the forward pass costs 1,467,776 FLOP per pixel, exactly for every size divisible by 16 (the
+"about 1.468 MFLOP per pixel" quoted for this model is right). A training step is then 3x that (minus the first
 convolution's input gradient, 1,152 FLOP per pixel) and 4x with every stage checkpointed, less
 the head ``outc`` that is never recomputed: 1.333x the plain step.
 """
